@@ -1,0 +1,39 @@
+"""Command line shared by the entry points: `--config FILE [--print-config] [key=value ...]`.
+
+Bad input (config, data, model) exits with code 2 and one clear message, before any training work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from harness.config import ConfigError, ExperimentConfig, load_config
+
+EXIT_BAD_INPUT = 2
+
+
+def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
+    parser.add_argument("--config", required=True, help="experiment YAML file")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=3e-5")
+    return parser.parse_args(argv)
+
+
+def main_entry(run: Callable[[ExperimentConfig], dict], argv: list[str] | None, prog: str) -> int:
+    from harness.data.sources import DataError
+    from harness.model import ModelError
+
+    args = parse_args(argv, prog)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(cfg.to_yaml(), end="")
+            return 0
+        run(cfg)
+    except (ConfigError, DataError, ModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    return 0

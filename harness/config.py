@@ -1,0 +1,408 @@
+"""Typed experiment configuration: defaults < YAML file < dotted ``key=value`` overrides.
+
+Every section is a dataclass whose fields carry a one-line docstring (the string right below the field).
+Unknown keys, wrong types and impossible values are collected and reported together as a `ConfigError`
+that names each key and, for a typo, the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem a user must fix; the message names every offending key."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = problems
+        super().__init__(f"invalid {source}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "bert-base-uncased"
+    """Hub id, local folder, a previous run's `best/`, or `builtin:tiny-bert` / `builtin:all-minilm-l6-v2`."""
+    classifier_dropout: Optional[float] = None
+    """Dropout before the classification head; null keeps the checkpoint's hidden dropout."""
+    freeze_embeddings: bool = False
+    """Freeze the embedding layer."""
+    freeze_layers: int = 0
+    """Freeze the first K encoder layers."""
+    freeze_encoder: bool = False
+    """Freeze the whole encoder and train the head only."""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """Attention kernel; `sdpa` is PyTorch's scaled_dot_product_attention."""
+
+
+@dataclass
+class DataConfig:
+    source: Literal["imdb", "path", "synthetic"] = "imdb"
+    """Where the data comes from: the hub's stanfordnlp/imdb, a local folder (`data.path`), or built-in synthetic."""
+    path: Optional[str] = None
+    """For source=path: an aclImdb folder, or a folder with train.* and test.* (parquet, csv, jsonl)."""
+    labels: list[str] = field(default_factory=lambda: ["neg", "pos"])
+    """Label names in id order; integer labels index this list, string labels must be in it."""
+    max_length: int = 512
+    """Tokens per example, special tokens included."""
+    truncation: Literal["head", "tail", "head_tail"] = "head"
+    """Which tokens a long text keeps: the first, the last, or the first `head_tokens` plus the last."""
+    head_tokens: int = 128
+    """For truncation=head_tail: tokens kept from the start (the rest come from the end)."""
+    validation_size: int = 5000
+    """Examples carved from train (stratified, seeded) for validation."""
+    max_train_samples: Optional[int] = None
+    """Cap on training examples (after the validation split); null for all."""
+    max_eval_samples: Optional[int] = None
+    """Cap on validation and on test examples; null for all."""
+    synthetic_train_size: int = 2000
+    """For source=synthetic: number of train examples generated."""
+    synthetic_test_size: int = 500
+    """For source=synthetic: number of test examples generated."""
+    cache_dir: str = "~/.cache/harness"
+    """Folder for tokenized datasets; keyed by data, tokenizer and length settings."""
+    bucket_size_multiplier: int = 50
+    """Length bucketing window, in optimizer steps: examples are sorted by length within windows this big."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    """Passes over the training data (ignored when max_steps > 0 is reached first)."""
+    max_steps: int = -1
+    """Optimizer steps to run: -1 runs `epochs`; 0 only evaluates the initial model."""
+    batch_size: int = 16
+    """Examples per micro-batch per process."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step per process."""
+    lr: float = 2e-5
+    """Peak learning rate."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (never applied to biases and LayerNorm weights)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    """Decay after warmup."""
+    warmup_ratio: float = 0.1
+    """Fraction of optimizer steps spent warming up (used when warmup_steps is 0)."""
+    warmup_steps: int = 0
+    """Warmup steps; overrides warmup_ratio when > 0."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Mixed precision mode (fp16 uses loss scaling and needs a GPU)."""
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0
+    """Validate every N optimizer steps (0: only at each epoch end)."""
+    batch_size: int = 64
+    """Examples per evaluation batch per process."""
+    metric: Literal["loss", "accuracy", "precision", "recall", "f1_macro", "f1_micro"] = "loss"
+    """Validation metric that selects the best checkpoint (loss is minimised, the rest maximised)."""
+    patience: int = 0
+    """Stop after this many validations without improvement (0: never stop early)."""
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 10
+    """Optimizer steps between training log lines / metrics.jsonl records."""
+    progress: Literal["auto", "rich", "plain"] = "auto"
+    """Console display: rich progress on a terminal, plain lines otherwise (auto picks by stdout)."""
+
+
+@dataclass
+class ExperimentConfig:
+    output_dir: str = "runs/default"
+    """Folder for config.yaml, metrics.jsonl, results.json and best/."""
+    seed: int = 42
+    """Seed for data splits, shuffling, initialisation and dropout."""
+    overwrite: bool = False
+    """Allow writing into a non-empty output_dir (its previous results are replaced)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Encoder and head."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Dataset, splits, tokenization and batching."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Validation and model selection."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Console and metrics logging."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def fingerprint(self) -> str:
+        """Short hash of the resolved config (identifies a run's settings in logs and checkpoints)."""
+        return hashlib.sha256(self.to_yaml().encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading and coercion
+# ----------------------------------------------------------------------------------------------------
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML or command-line value to the field's type, or raise ValueError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in {"null", "none", "~"}):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{key}: must be one of {', '.join(map(repr, choices))}, got {value!r}{hint}")
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, list):
+            raise ValueError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise ValueError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ValueError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"{key}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config field type {tp!r} for {key}")
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _resolved_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def all_keys(cls: type = ExperimentConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the config, e.g. `train.lr`."""
+    keys = []
+    hints = _resolved_types(cls)
+    for name in _fields(cls):
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            keys += all_keys(tp, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _unknown_key_message(key: str) -> str:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.6)
+    return f"{key}: unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
+def _merge(obj: Any, values: dict[str, Any], prefix: str, problems: list[str]) -> None:
+    """Apply a nested dict of values onto dataclass `obj`, recording problems instead of stopping."""
+    if not isinstance(values, dict):
+        problems.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+        return
+    hints = _resolved_types(type(obj))
+    fields = _fields(type(obj))
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            problems.append(_unknown_key_message(key))
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            _merge(getattr(obj, name), value, f"{key}.", problems)
+            continue
+        try:
+            setattr(obj, name, _coerce(value, tp, key))
+        except ValueError as exc:
+            problems.append(str(exc))
+
+
+def parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """Turn ['train.lr=3e-5', ...] into a nested dict of raw strings; malformed items become problems."""
+    nested: dict[str, Any] = {}
+    problems = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"{item!r}: overrides are written key=value, e.g. train.lr=3e-5")
+            continue
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        parts = key.split(".")
+        node = nested
+        for part in parts[:-1]:
+            existing = node.setdefault(part, {})
+            if not isinstance(existing, dict):
+                problems.append(f"{key}: {part} is not a section")
+                break
+            node = existing
+        else:
+            node[parts[-1]] = raw
+    return nested, problems
+
+
+def validate(cfg: ExperimentConfig) -> list[str]:
+    """Value checks that types alone cannot express; returns every problem found."""
+    p = []
+    t, d, e = cfg.train, cfg.data, cfg.eval
+    if not cfg.output_dir:
+        p.append("output_dir: must not be empty")
+    if t.lr <= 0:
+        p.append(f"train.lr: must be > 0, got {t.lr}")
+    if t.batch_size < 1:
+        p.append(f"train.batch_size: must be >= 1, got {t.batch_size}")
+    if t.grad_accum < 1:
+        p.append(f"train.grad_accum: must be >= 1, got {t.grad_accum}")
+    if t.epochs < 1:
+        p.append(f"train.epochs: must be >= 1, got {t.epochs}")
+    if t.max_steps < -1:
+        p.append(f"train.max_steps: must be -1 (use epochs), 0 (evaluate only) or > 0, got {t.max_steps}")
+    if not 0 <= t.warmup_ratio < 1:
+        p.append(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+    if t.warmup_steps < 0:
+        p.append(f"train.warmup_steps: must be >= 0, got {t.warmup_steps}")
+    if t.max_grad_norm < 0:
+        p.append(f"train.max_grad_norm: must be >= 0 (0 disables clipping), got {t.max_grad_norm}")
+    if t.weight_decay < 0:
+        p.append(f"train.weight_decay: must be >= 0, got {t.weight_decay}")
+    if d.max_length < 8:
+        p.append(f"data.max_length: must be >= 8, got {d.max_length}")
+    if d.truncation == "head_tail" and not 0 < d.head_tokens < d.max_length - 2:
+        p.append(f"data.head_tokens: must be between 1 and data.max_length - 3, got {d.head_tokens}")
+    if d.source == "path" and not d.path:
+        p.append("data.path: required when data.source is 'path'")
+    if len(d.labels) < 2 or len(set(d.labels)) != len(d.labels):
+        p.append(f"data.labels: need at least two distinct names, got {d.labels}")
+    if d.validation_size < 1:
+        p.append(f"data.validation_size: must be >= 1, got {d.validation_size}")
+    for key in ("max_train_samples", "max_eval_samples"):
+        value = getattr(d, key)
+        if value is not None and value < 1:
+            p.append(f"data.{key}: must be >= 1 or null, got {value}")
+    for key in ("synthetic_train_size", "synthetic_test_size", "bucket_size_multiplier"):
+        if getattr(d, key) < 1:
+            p.append(f"data.{key}: must be >= 1, got {getattr(d, key)}")
+    if d.num_workers < 0:
+        p.append(f"data.num_workers: must be >= 0, got {d.num_workers}")
+    if e.every_steps < 0 or e.patience < 0:
+        p.append("eval.every_steps and eval.patience: must be >= 0")
+    if e.batch_size < 1:
+        p.append(f"eval.batch_size: must be >= 1, got {e.batch_size}")
+    if cfg.logging.every_steps < 1:
+        p.append(f"logging.every_steps: must be >= 1, got {cfg.logging.every_steps}")
+    m = cfg.model
+    if m.classifier_dropout is not None and not 0 <= m.classifier_dropout < 1:
+        p.append(f"model.classifier_dropout: must be in [0, 1), got {m.classifier_dropout}")
+    if m.freeze_layers < 0:
+        p.append(f"model.freeze_layers: must be >= 0, got {m.freeze_layers}")
+    return p
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Build the config from defaults, then the YAML file, then the dotted overrides; validate it all."""
+    cfg = ExperimentConfig()
+    problems: list[str] = []
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = f"config {path}"
+        if not path.is_file():
+            raise ConfigError([f"{path}: no such config file"], source)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"{path}: not valid YAML: {exc}"], source) from exc
+        _merge(cfg, values, "", problems)
+    nested, override_problems = parse_overrides(overrides or [])
+    problems += override_problems
+    _merge(cfg, nested, "", problems)
+    if not problems:
+        problems += validate(cfg)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def config_from_dict(values: dict[str, Any]) -> ExperimentConfig:
+    """Build and validate a config from a nested dict (e.g. a saved config.yaml)."""
+    cfg = ExperimentConfig()
+    problems: list[str] = []
+    _merge(cfg, values, "", problems)
+    problems = problems or validate(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg

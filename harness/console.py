@@ -1,0 +1,120 @@
+"""Run logging for humans and machines: rich progress on a terminal, plain lines in batch logs (SLURM),
+rank-prefixed warnings, and `metrics.jsonl` (one JSON object per event) written by the main process.
+
+Named `console` rather than `logging` so that running `python harness/train.py` (which puts harness/ on
+sys.path) can never shadow the standard library's logging module.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    return str(value)
+
+
+def quiet_library_progress_bars() -> None:
+    """datasets' and transformers' own bars would interleave with ours (and fill batch logs)."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
+class RunLog:
+    def __init__(self, output_dir: Path, is_main: bool, rank: int, progress: str = "auto"):
+        self.is_main = is_main
+        self.rank = rank
+        self.metrics_path = output_dir / "metrics.jsonl"
+        self.use_rich = is_main and (progress == "rich" or (progress == "auto" and sys.stdout.isatty()))
+        self.console = Console(highlight=False) if self.use_rich else None
+        self._progress: Progress | None = None
+        self._task = None
+        self._start = time.monotonic()
+
+    # -- messages ----------------------------------------------------------------------------------------
+    def info(self, message: str) -> None:
+        if not self.is_main:
+            return
+        if self.console is not None:
+            self.console.print(message)
+        else:
+            print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    def warn(self, message: str) -> None:
+        """Every rank may warn; the prefix says which."""
+        print(f"[rank {self.rank}] WARNING: {message}", file=sys.stderr, flush=True)
+
+    # -- metrics.jsonl -----------------------------------------------------------------------------------
+    def record(self, event: str, **values: Any) -> None:
+        if not self.is_main:
+            return
+        row = {"event": event, "time": round(time.time(), 3), **values}
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    # -- progress ----------------------------------------------------------------------------------------
+    def start_progress(self, total_steps: int) -> None:
+        self._start = time.monotonic()
+        if self.use_rich and total_steps > 0:
+            self._progress = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[status]}"),
+                console=self.console,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("train", total=total_steps, status="")
+
+    def advance(self, step: int, total_steps: int, values: dict[str, Any] | None) -> None:
+        """Move the bar to `step`; with `values` (a log step), show them (rich) or print a plain line."""
+        if not self.is_main:
+            return
+        if self._progress is not None:
+            status = "  ".join(f"{k} {_fmt(v)}" for k, v in (values or {}).items())
+            fields = {"status": status} if values else {}
+            self._progress.update(self._task, completed=step, **fields)
+        elif values:
+            elapsed = time.monotonic() - self._start
+            eta = elapsed / max(step, 1) * (total_steps - step)
+            body = "  ".join(f"{k} {_fmt(v)}" for k, v in values.items())
+            self.info(f"step {step}/{total_steps}  {body}  eta {timedelta(seconds=round(eta))}")
+
+    def stop_progress(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    # -- tables ------------------------------------------------------------------------------------------
+    def metrics_table(self, title: str, rows: dict[str, dict[str, float]]) -> None:
+        if not self.is_main:
+            return
+        names = ["loss", "accuracy", "precision", "recall", "f1_macro", "f1_micro"]
+        if self.console is None:
+            for split, values in rows.items():
+                self.info(f"{title} [{split}] " + "  ".join(f"{n} {values[n]:.4f}" for n in names if n in values))
+            return
+        table = Table(title=title)
+        table.add_column("split")
+        for n in names:
+            table.add_column(n, justify="right")
+        for split, values in rows.items():
+            table.add_row(split, *(f"{values[n]:.4f}" if n in values else "" for n in names))
+        self.console.print(table)

@@ -1,0 +1,120 @@
+"""Tokenization with the model's fast tokenizer, truncation strategies, and an on-disk cache.
+
+The cache key covers the data (texts and labels), the tokenizer (its full serialized definition) and every
+length setting, so a changed input never reuses a stale cache and a repeated run skips tokenization.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+
+from harness.config import DataConfig
+from harness.data.sources import LabelledTexts
+
+CACHE_FORMAT_VERSION = "1"
+FEATURES = datasets.Features(
+    {
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "label": datasets.Value("int64"),
+        "length": datasets.Value("int32"),
+    }
+)
+
+
+@dataclass
+class TokenizedSplit:
+    """Token ids per example, with labels and lengths as arrays (what samplers and collators read)."""
+
+    input_ids: list[np.ndarray]
+    labels: np.ndarray
+    lengths: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[int, np.ndarray, int]:
+        return index, self.input_ids[index], int(self.labels[index])
+
+    @property
+    def real_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+def truncate(ids: list[int], budget: int, strategy: str, head_tokens: int) -> list[int]:
+    """Keep at most `budget` tokens: the first (head), the last (tail) or the first head_tokens + last rest."""
+    if len(ids) <= budget:
+        return ids
+    if strategy == "head":
+        return ids[:budget]
+    if strategy == "tail":
+        return ids[len(ids) - budget :]
+    return ids[:head_tokens] + ids[len(ids) - (budget - head_tokens) :]
+
+
+def special_affixes(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer's template puts before and after a single text ([CLS] / [SEP] for BERT).
+
+    Read off the template itself (transformers 5 no longer exposes build_inputs_with_special_tokens)."""
+    body = tokenizer("hello", add_special_tokens=False)["input_ids"]
+    full = tokenizer("hello", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(body) + 1):
+        if full[start : start + len(body)] == body:
+            return full[:start], full[start + len(body) :]
+    raise ValueError(f"{tokenizer.name_or_path}: cannot locate the text inside its special-token template")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+
+
+def cache_key(split: LabelledTexts, tokenizer, cfg: DataConfig) -> str:
+    parts = [
+        CACHE_FORMAT_VERSION,
+        split.content_hash(),
+        tokenizer_fingerprint(tokenizer),
+        str(cfg.max_length),
+        cfg.truncation,
+        str(cfg.head_tokens if cfg.truncation == "head_tail" else 0),
+    ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+def tokenize_split(split: LabelledTexts, tokenizer, cfg: DataConfig) -> TokenizedSplit:
+    """Tokenize (or load from the cache) one split; call on the main process first under distribution."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"{tokenizer.name_or_path}: a fast (Rust) tokenizer is required")
+    prefix, suffix = special_affixes(tokenizer)
+    budget = cfg.max_length - len(prefix) - len(suffix)
+
+    def encode(batch: dict) -> dict:
+        # No truncation here: head_tail needs the full sequence; we cut below.
+        encoded = tokenizer(batch["text"], add_special_tokens=False, truncation=False, verbose=False)
+        ids = [prefix + truncate(row, budget, cfg.truncation, cfg.head_tokens) + suffix for row in encoded["input_ids"]]
+        return {"input_ids": ids, "label": batch["label"], "length": [len(row) for row in ids]}
+
+    key = cache_key(split, tokenizer, cfg)
+    cache_dir = Path(cfg.cache_dir).expanduser() / "tokenized"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    raw = datasets.Dataset.from_dict({"text": split.texts, "label": split.labels})
+    tokenized = raw.map(
+        encode,
+        batched=True,
+        batch_size=1000,
+        remove_columns=["text"],
+        features=FEATURES,
+        cache_file_name=str(cache_dir / f"{key}.arrow"),
+        new_fingerprint=key,
+        load_from_cache_file=True,
+        desc="tokenizing",
+    )
+    columns = tokenized.with_format("numpy")
+    return TokenizedSplit(
+        input_ids=list(columns["input_ids"]),
+        labels=np.asarray(columns["label"], dtype=np.int64),
+        lengths=np.asarray(columns["length"], dtype=np.int64),
+    )
