@@ -31,6 +31,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     name_or_path: str = "bert-base-uncased"
     """Hub id, local folder, a previous run's `best/`, or `builtin:tiny-bert` / `builtin:all-minilm-l6-v2`."""
+    dropout: Optional[float] = None
+    """Encoder dropout (hidden and attention probabilities); null keeps the checkpoint's."""
     classifier_dropout: Optional[float] = None
     """Dropout before the classification head; null keeps the checkpoint's hidden dropout."""
     freeze_embeddings: bool = False
@@ -130,7 +132,7 @@ class LoggingConfig:
 @dataclass
 class ExperimentConfig:
     output_dir: str = "runs/default"
-    """Folder for config.yaml, metrics.jsonl, results.json and best/."""
+    """Folder for config.yaml, metrics.jsonl, results.json, best/ and final/."""
     seed: int = 42
     """Seed for data splits, shuffling, initialisation and dropout."""
     overwrite: bool = False
@@ -265,8 +267,11 @@ def all_keys(cls: type = ExperimentConfig, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key_message(key: str) -> str:
-    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.6)
+def _unknown_key_message(key: str, siblings: list[str]) -> str:
+    """Suggest the closest key of the same section first, then the closest dotted key anywhere."""
+    prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    close = difflib.get_close_matches(key, [prefix + s for s in siblings], n=1, cutoff=0.6)
+    close = close or difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.6)
     return f"{key}: unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
 
 
@@ -280,7 +285,7 @@ def _merge(obj: Any, values: dict[str, Any], prefix: str, problems: list[str]) -
     for name, value in values.items():
         key = f"{prefix}{name}"
         if name not in fields:
-            problems.append(_unknown_key_message(key))
+            problems.append(_unknown_key_message(key, list(fields)))
             continue
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
@@ -365,8 +370,10 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     if cfg.logging.every_steps < 1:
         p.append(f"logging.every_steps: must be >= 1, got {cfg.logging.every_steps}")
     m = cfg.model
-    if m.classifier_dropout is not None and not 0 <= m.classifier_dropout < 1:
-        p.append(f"model.classifier_dropout: must be in [0, 1), got {m.classifier_dropout}")
+    for key in ("dropout", "classifier_dropout"):
+        value = getattr(m, key)
+        if value is not None and not 0 <= value < 1:
+            p.append(f"model.{key}: must be in [0, 1), got {value}")
     if m.freeze_layers < 0:
         p.append(f"model.freeze_layers: must be >= 0, got {m.freeze_layers}")
     return p

@@ -26,7 +26,7 @@ from harness.evaluation import evaluate_split, is_improvement, load_metric
 from harness.model import load_tokenizer_and_model, max_positions, parameter_groups
 from harness.optim import build_optimizer, build_scheduler
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "results.json", "best")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "results.json", "best", "final")
 
 
 def every_n_steps(step: int, n: int) -> bool:
@@ -214,7 +214,8 @@ def run(cfg: ExperimentConfig) -> dict:
     train_seconds = time.monotonic() - t_train
     log.stop_progress()
 
-    # ---- the best model on test ----
+    # ---- the last state to final/, the best model on test ----
+    export_model(accelerator, model, tokenizer, state_dict_copy(accelerator, model), out / "final")
     if last_eval_step != step:  # evaluate-only runs (max_steps=0), or a run cut short by max_steps
         validate_and_keep_best(step, float(epoch))
     if best.step != step:

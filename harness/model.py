@@ -18,6 +18,8 @@ from harness.config import ModelConfig
 
 TINY_BERT = "builtin:tiny-bert"
 MINILM = "builtin:all-minilm-l6-v2"
+# Config attributes that hold encoder dropout, by model family (BERT-likes, DistilBERT).
+ENCODER_DROPOUT_KEYS = (("hidden_dropout_prob", "attention_probs_dropout_prob"), ("dropout", "attention_dropout"))
 TINY_BERT_SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
 
 
@@ -48,6 +50,8 @@ def _build_tiny_bert(labels: list[str], seed: int, cfg: ModelConfig):
         classifier_dropout=cfg.classifier_dropout,
         **TINY_BERT_SIZES,
     )
+    if cfg.dropout is not None:
+        config.hidden_dropout_prob = config.attention_probs_dropout_prob = cfg.dropout
     config._attn_implementation = cfg.attn_implementation
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # same random weights on every rank and every run
@@ -85,6 +89,11 @@ def load_tokenizer_and_model(cfg: ModelConfig, labels: list[str], seed: int):
             if not hasattr(config, "classifier_dropout"):
                 raise ModelError(f"model.classifier_dropout: {type(config).__name__} has no classifier_dropout")
             extra["classifier_dropout"] = cfg.classifier_dropout
+        if cfg.dropout is not None:
+            keys = next((k for k in ENCODER_DROPOUT_KEYS if all(hasattr(config, a) for a in k)), None)
+            if keys is None:
+                raise ModelError(f"model.dropout: no known dropout settings in {type(config).__name__}")
+            extra.update({key: cfg.dropout for key in keys})
         with torch.random.fork_rng():
             torch.manual_seed(seed)  # the new head's initialisation is part of the run's seed
             try:

