@@ -12,7 +12,7 @@ Args:
     references: true label ids.
     num_labels: number of classes (2 means binary: precision and recall of label 1).
 Returns:
-    accuracy, precision, recall, f1_macro, f1_micro.
+    accuracy, precision, recall, f1_macro, f1_micro, and confusion_matrix (rows: true label, columns: predicted).
 """
 
 
@@ -48,4 +48,5 @@ class Classification(evaluate.Metric):
             "recall": float(recall),
             "f1_macro": float(f1_c.mean()),
             "f1_micro": float(f1_micro),
+            "confusion_matrix": [[int(np.sum((ref == t) & (pred == p))) for p in classes] for t in classes],
         }

@@ -20,6 +20,7 @@ def test_binary_metrics_against_hand_counts(metric):
     f1_pos, f1_neg = 2 * 3 / (2 * 3 + 1 + 2), 2 * 4 / (2 * 4 + 2 + 1)
     assert m["f1_macro"] == pytest.approx((f1_pos + f1_neg) / 2)
     assert m["f1_micro"] == pytest.approx(0.7)
+    assert m["confusion_matrix"] == [[4, 1], [2, 3]]
 
 
 def test_multiclass_macro_and_micro(metric):
