@@ -6,16 +6,21 @@ process), `torchrun --nproc_per_node N` and `accelerate launch` on CPU (gloo) or
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 
 from harness.config import ConfigError, ExperimentConfig
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+FLAGS_SOURCE = "the accelerate launch DeepSpeed flags"
 
 
 def launched_world_size() -> int:
@@ -23,17 +28,107 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def deepspeed_requested() -> bool:
+    """`accelerate launch --use_deepspeed` or a DEEPSPEED accelerate config sets this."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def _get(config: dict, dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _set(config: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = config
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def fill_deepspeed_config(raw: dict, cfg: ExperimentConfig, world_size: int, source: str) -> dict:
+    """Fill every value the experiment owns into a DeepSpeed config; a value set in both that disagrees is an
+    error naming both. Missing keys and "auto" are filled; keys the experiment does not own are kept."""
+    t = cfg.train
+    owned: dict[str, tuple[Any, str]] = {
+        "train_micro_batch_size_per_gpu": (t.batch_size, "train.batch_size"),
+        "gradient_accumulation_steps": (t.grad_accum, "train.grad_accum"),
+        "train_batch_size": (t.batch_size * t.grad_accum * world_size, "train.batch_size x train.grad_accum x world size"),
+        "gradient_clipping": (t.max_grad_norm, "train.max_grad_norm"),
+        "bf16.enabled": (t.precision == "bf16", "train.precision"),
+        "fp16.enabled": (t.precision == "fp16", "train.precision"),
+    }
+    if "optimizer" in raw:  # DeepSpeed builds the optimizer itself (e.g. its CPU Adam under offload)
+        owned.update({
+            "optimizer.params.lr": (t.lr, "train.lr"),
+            "optimizer.params.betas": ([t.adam_beta1, t.adam_beta2], "train.adam_beta1/adam_beta2"),
+            "optimizer.params.eps": (t.adam_eps, "train.adam_eps"),
+            "optimizer.params.weight_decay": (t.weight_decay, "train.weight_decay"),
+        })  # fmt: skip
+    problems = []
+    if "scheduler" in raw:
+        problems.append(
+            f"{source}: has a scheduler block, but the harness schedules the learning rate "
+            "(train.scheduler, train.warmup_ratio / warmup_steps); remove the block"
+        )
+    filled = copy.deepcopy(raw)
+    for key, (value, exp_key) in owned.items():
+        current = _get(filled, key)
+        if current is None or current == "auto":
+            _set(filled, key, value)
+        elif current != value and not (isinstance(value, float) and isinstance(current, (int, float)) and float(current) == value):
+            problems.append(f"{source}: {key} is {current!r} but the experiment's {exp_key} is {value!r}; set it to \"auto\" or make them agree")
+    if problems:
+        raise ConfigError(problems, "DeepSpeed config")
+    filled.setdefault("steps_per_print", 10**9)  # the harness logs progress itself
+    return filled
+
+
+def build_deepspeed_plugin(cfg: ExperimentConfig, world_size: int):
+    """DeepSpeed settings from the JSON named by the launch (or from the launch flags), completed from the
+    experiment config: one source of truth for batch size, accumulation, clipping and precision."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if config_file != "none":
+        path = Path(config_file)
+        try:
+            raw, source = json.loads(path.read_text()), str(path)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError([f"{path}: cannot read the DeepSpeed config: {exc}"], "DeepSpeed config") from exc
+    else:
+        # Flags only (--use_deepspeed --zero_stage N ...): Accelerate builds the dict from its environment;
+        # values given as flags count as set, the rest are "auto".
+        raw, source = copy.deepcopy(DeepSpeedPlugin().deepspeed_config), FLAGS_SOURCE
+        raw.pop("steps_per_print", None)
+    filled = fill_deepspeed_config(raw, cfg, world_size, source)
+    # zero3_init_flag off: models here fit one device, and ZeRO-3 partitions them at engine creation; with
+    # it on, transformers would build them inside zero.Init, outside the harness's seeded initialisation.
+    return DeepSpeedPlugin(hf_ds_config=filled, zero3_init_flag=False)
+
+
 def build_accelerator(cfg: ExperimentConfig) -> Accelerator:
     on_cpu = not torch.cuda.is_available()
     if cfg.train.precision == "fp16" and on_cpu:
         raise ConfigError(["train.precision: fp16 needs a CUDA GPU (loss scaling); use bf16 or fp32 on CPU"])
-    # Accelerate enters multi-process CPU mode (gloo) only when told cpu=True inside a torchrun-style launch;
-    # without it, N launched CPU processes would each train alone as world size 1.
+    kwargs: dict[str, Any] = {}
+    if deepspeed_requested():
+        kwargs["deepspeed_plugin"] = build_deepspeed_plugin(cfg, launched_world_size())
+        if on_cpu:
+            # Accelerate uses DeepSpeed only with cpu=False, and then finds no backend without GPUs: name gloo.
+            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    # Otherwise Accelerate enters multi-process CPU mode (gloo) only when told cpu=True inside a torchrun-style
+    # launch; without it, N launched CPU processes would each train alone as world size 1.
     accelerator = Accelerator(
-        cpu=on_cpu,
+        cpu=on_cpu and not deepspeed_requested(),
         mixed_precision=MIXED_PRECISION[cfg.train.precision],
         gradient_accumulation_steps=cfg.train.grad_accum,
         step_scheduler_with_optimizer=False,
+        **kwargs,
     )
     if accelerator.num_processes != launched_world_size():
         raise RuntimeError(
@@ -64,3 +159,44 @@ class RunPlace:
             backend=getattr(state, "backend", None),
             precision=precision,
         )
+
+
+def zero_stage(accelerator: Accelerator) -> int:
+    """The ZeRO stage in use (0 when DeepSpeed is not)."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return 0
+    return int(accelerator.state.deepspeed_plugin.zero_stage)
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def memory_report(accelerator: Accelerator, model: torch.nn.Module, optimizer) -> dict[str, int]:
+    """Bytes this rank holds, read from the live model and optimizer after the first optimizer step (optimizer
+    state is created lazily): parameters, gradients, optimizer moments and, under ZeRO, fp32 master partitions.
+
+    Gradients: without ZeRO and under ZeRO-1 each rank keeps a full gradient per trainable parameter; under
+    ZeRO-2/3 only the partition it updates, the size of its fp32 partition."""
+    stage = zero_stage(accelerator)
+    params = list(accelerator.unwrap_model(model).parameters())
+    if stage == 3:  # each rank keeps its partition in ds_tensor; p.data is an empty placeholder
+        param_bytes = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in params)
+    else:
+        param_bytes = _tensor_bytes(p.data for p in params)
+    full_grad_bytes = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    inner = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
+    if not stage:
+        moments = [v for state in inner.state.values() for k, v in state.items() if k != "step"]
+        return {"parameters": param_bytes, "gradients": full_grad_bytes, "optimizer_state": _tensor_bytes(moments),
+                "fp32_master": 0}  # fmt: skip
+    base = inner.optimizer  # DeepSpeed's ZeRO optimizer wraps the torch optimizer, whose state is per partition
+    moments = [v for state in base.state.values() for k, v in state.items() if k != "step"]
+    partitions = getattr(inner, "single_partition_of_fp32_groups", None) or getattr(inner, "fp32_partitioned_groups_flat")
+    master_bytes = _tensor_bytes(partitions)
+    return {
+        "parameters": param_bytes,
+        "gradients": full_grad_bytes if stage == 1 else master_bytes,
+        "optimizer_state": _tensor_bytes(moments),
+        "fp32_master": master_bytes,
+    }

@@ -12,16 +12,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
-from harness.checkpoint import export_model, state_dict_copy
+from harness.checkpoint import export_model, load_weights, state_dict_copy
 from harness.config import ConfigError, ExperimentConfig
 from harness.console import RunLog, quiet_library_progress_bars
 from harness.data import prepare_text_splits
 from harness.data.collate import PadCollator
 from harness.data.sampler import StepLayout, plan_epoch, rank_micro_batches, step_example_count, steps_per_epoch
 from harness.data.tokenize import tokenize_split
-from harness.distributed import RunPlace, build_accelerator
+from harness.distributed import RunPlace, build_accelerator, memory_report
 from harness.evaluation import evaluate_split, is_improvement, load_metric
 from harness.model import load_tokenizer_and_model, max_positions, parameter_groups
 from harness.optim import build_optimizer, build_scheduler
@@ -60,6 +61,18 @@ class BestSoFar:
             return True
         self.evals_without_improvement += 1
         return False
+
+
+def report_memory(accelerator, model, optimizer, log: RunLog) -> None:
+    """Per-rank parameter / gradient / optimizer-state bytes, so users see what each ZeRO stage buys them."""
+    per_rank = gather_object([memory_report(accelerator, model, optimizer)])
+    mib = 2**20
+    for rank, row in enumerate(per_rank):
+        log.info(
+            f"memory rank {rank}: parameters {row['parameters'] / mib:.1f} MiB, gradients {row['gradients'] / mib:.1f} "
+            f"MiB, optimizer state {row['optimizer_state'] / mib:.1f} MiB, fp32 master {row['fp32_master'] / mib:.1f} MiB"
+        )
+    log.record("memory", per_rank=per_rank)
 
 
 def run(cfg: ExperimentConfig) -> dict:
@@ -177,6 +190,8 @@ def run(cfg: ExperimentConfig) -> dict:
             optimizer.zero_grad(set_to_none=True)
 
             step += 1
+            if step == 1:
+                report_memory(accelerator, model, optimizer, log)
             examples_seen += step_examples
             tokens_seen += int(train_split.lengths[np.concatenate(global_step)].sum())
             window_examples += step_examples
@@ -219,7 +234,7 @@ def run(cfg: ExperimentConfig) -> dict:
     if last_eval_step != step:  # evaluate-only runs (max_steps=0), or a run cut short by max_steps
         validate_and_keep_best(step, float(epoch))
     if best.step != step:
-        accelerator.unwrap_model(model).load_state_dict(best_state)
+        load_weights(accelerator, model, best_state)
         log.info(f"loaded the best model (step {best.step}, validation {best.metric} {best.value:.4f}) for test")
     test_scores = validate(test_split)
     log.record("eval", split="test", step=best.step, **test_scores)

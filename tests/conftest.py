@@ -61,6 +61,19 @@ def run_harness(
     return proc
 
 
+def run_accelerate(
+    config: Path, *overrides: str, launch_args: list[str], timeout: int = 300, check: bool = True
+) -> subprocess.CompletedProcess:
+    """Run harness/train.py under `accelerate launch <launch_args>` from the repo root."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "--main_process_port", str(free_port()),
+           str(TRAIN), "--config", str(config), *overrides]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
 def free_port() -> int:
     import socket
 

@@ -1,0 +1,93 @@
+"""DeepSpeed ZeRO 1/2/3 on 2 gloo CPU processes against plain DDP: same losses, same weights, less memory."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import pipeline
+
+from tests.conftest import read_metrics, read_results, run_accelerate, run_harness, tiny_config
+
+pytest.importorskip("deepspeed", reason="needs the deepspeed package")
+pytestmark = pytest.mark.slow
+
+STEPS = 10
+COMMON = ("train.grad_accum=2", "train.batch_size=4", f"train.max_steps={STEPS}", "logging.every_steps=1")
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("zero")
+    # Dropout off: DDP and ZeRO then compute the same function; clipping at 0.02 is active on every step.
+    return tiny_config(
+        tmp,
+        model={"name_or_path": "builtin:tiny-bert", "dropout": 0.0, "classifier_dropout": 0.0},
+        train={"lr": 2e-3, "max_grad_norm": 0.02},
+    )
+
+
+@pytest.fixture(scope="module")
+def ddp(config, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    run_harness(config, *COMMON, f"output_dir={out}", nproc=2)
+    return out
+
+
+def train_rows(out):
+    return [r for r in read_metrics(out) if r["event"] == "train"]
+
+
+def memory(out):
+    return next(r for r in read_metrics(out) if r["event"] == "memory")["per_rank"]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_matches_ddp(stage, config, ddp, tmp_path):
+    out = tmp_path / f"zero{stage}"
+    run_accelerate(
+        config, *COMMON, f"output_dir={out}",
+        launch_args=["--use_deepspeed", "--zero_stage", str(stage), "--num_processes", "2"],
+    )  # fmt: skip
+    assert read_results(out)["world_size"] == 2
+    setup = read_metrics(out)[0]
+    assert setup["distributed_type"] == "DEEPSPEED" and setup["world_size"] == 2
+
+    ddp_rows, zero_rows = train_rows(ddp), train_rows(out)
+    assert [r["step"] for r in zero_rows] == list(range(1, STEPS + 1)) == [r["step"] for r in ddp_rows]
+    assert all(r["grad_norm"] > 0.02 for r in ddp_rows), "clipping must be active for this test to mean anything"
+    for d, z in zip(ddp_rows, zero_rows):
+        assert z["loss"] == pytest.approx(d["loss"], rel=1e-5), (d["step"], d["loss"], z["loss"])
+        assert z["grad_norm"] == pytest.approx(d["grad_norm"], rel=1e-4)
+
+    # The exported final model (under ZeRO-3: consolidated from the shards) equals DDP's parameters.
+    ddp_weights, zero_weights = load_file(str(ddp / "final" / "model.safetensors")), load_file(str(out / "final" / "model.safetensors"))
+    assert ddp_weights.keys() == zero_weights.keys()
+    for key in ddp_weights:
+        torch.testing.assert_close(zero_weights[key], ddp_weights[key], rtol=1e-5, atol=1e-6, msg=key)
+
+    # What each rank holds, measured from the engine: ZeRO-1/2 halve optimizer state, ZeRO-3 parameters too.
+    ddp_mem, zero_mem = memory(ddp), memory(out)
+    for rank in (0, 1):
+        state_ratio = zero_mem[rank]["optimizer_state"] / ddp_mem[rank]["optimizer_state"]
+        assert 0.45 < state_ratio < 0.55, state_ratio
+        param_ratio = zero_mem[rank]["parameters"] / ddp_mem[rank]["parameters"]
+        assert (0.45 < param_ratio < 0.55) if stage == 3 else param_ratio == 1.0, param_ratio
+
+    if stage == 3:
+        classify = pipeline("text-classification", model=str(out / "final"))
+        assert classify("great wonderful film")[0]["label"] in {"neg", "pos"}
+
+
+def test_deepspeed_json_disagreeing_with_experiment_names_both(config, tmp_path):
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 4,
+                                   "train_micro_batch_size_per_gpu": "auto"}))  # fmt: skip
+    proc = run_accelerate(
+        config, "train.grad_accum=2", f"output_dir={tmp_path / 'run'}",
+        launch_args=["--use_deepspeed", "--deepspeed_config_file", str(ds_json), "--num_processes", "1"], check=False,
+    )  # fmt: skip
+    # The harness exits 2; the launcher (torchrun underneath) reports any child failure as its own exit 1.
+    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
+    assert f"{ds_json}: gradient_accumulation_steps is 4 but the experiment's train.grad_accum is 2" in proc.stderr
+    assert not (tmp_path / "run").exists()
