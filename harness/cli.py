@@ -1,6 +1,8 @@
 """Command line shared by the entry points: `--config FILE [--print-config] [key=value ...]`.
 
-Bad input (config, data, model) exits with code 2 and one clear message, before any training work starts.
+Exit codes: 0 done; 2 bad input (config, data, model, resume), reported before any training work starts;
+3 too many non-finite losses; 4 a checkpoint could not be written; 75 stopped by SIGTERM/SIGUSR1 after a
+checkpoint (requeue and run the same command to resume).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from typing import Callable
 from harness.config import ConfigError, ExperimentConfig, load_config
 
 EXIT_BAD_INPUT = 2
+EXIT_NONFINITE = 3
+EXIT_SAVE_FAILED = 4
 
 
 def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
@@ -23,7 +27,9 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
 
 
 def main_entry(run: Callable[[ExperimentConfig], dict], argv: list[str] | None, prog: str) -> int:
+    from harness.checkpoint import CheckpointSaveError
     from harness.data.sources import DataError
+    from harness.loop import EXIT_REQUEUE, NonFiniteLoss, Preempted
     from harness.model import ModelError
 
     args = parse_args(argv, prog)
@@ -36,4 +42,12 @@ def main_entry(run: Callable[[ExperimentConfig], dict], argv: list[str] | None, 
     except (ConfigError, DataError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
+    except Preempted:
+        return EXIT_REQUEUE
+    except NonFiniteLoss as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_NONFINITE
+    except CheckpointSaveError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_SAVE_FAILED
     return 0

@@ -122,6 +122,28 @@ class EvalConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every_steps: int = 0
+    """Save a resumable checkpoint every N optimizer steps (0: off)."""
+    every_minutes: float = 0.0
+    """Save a resumable checkpoint every M minutes of training (0: off)."""
+    at_epoch_end: bool = True
+    """Save a resumable checkpoint at the end of each epoch."""
+    keep_last: int = 2
+    """Complete checkpoints kept in <output_dir>/checkpoints/ (the best one is always kept too)."""
+    resume: str = "auto"
+    """`auto` (newest complete checkpoint in output_dir, if any), `none`, or a checkpoint folder."""
+
+
+@dataclass
+class RuntimeConfig:
+    collective_timeout_s: float = 600.0
+    """Seconds a rank waits in a collective (e.g. for a dead or hung peer) before failing."""
+    max_nonfinite_steps: int = 5
+    """Stop after this many consecutive steps with a non-finite loss (each is skipped, not applied)."""
+
+
+@dataclass
 class LoggingConfig:
     every_steps: int = 10
     """Optimizer steps between training log lines / metrics.jsonl records."""
@@ -145,6 +167,10 @@ class ExperimentConfig:
     """Optimisation."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Validation and model selection."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Resumable checkpoints."""
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """Failure handling."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Console and metrics logging."""
 
@@ -367,6 +393,17 @@ def validate(cfg: ExperimentConfig) -> list[str]:
         p.append("eval.every_steps and eval.patience: must be >= 0")
     if e.batch_size < 1:
         p.append(f"eval.batch_size: must be >= 1, got {e.batch_size}")
+    c = cfg.checkpoint
+    if c.every_steps < 0 or c.every_minutes < 0:
+        p.append("checkpoint.every_steps and checkpoint.every_minutes: must be >= 0 (0 disables)")
+    if c.keep_last < 1:
+        p.append(f"checkpoint.keep_last: must be >= 1, got {c.keep_last}")
+    if not c.resume:
+        p.append("checkpoint.resume: must be auto, none or a checkpoint folder")
+    if cfg.runtime.collective_timeout_s <= 0:
+        p.append(f"runtime.collective_timeout_s: must be > 0, got {cfg.runtime.collective_timeout_s}")
+    if cfg.runtime.max_nonfinite_steps < 1:
+        p.append(f"runtime.max_nonfinite_steps: must be >= 1, got {cfg.runtime.max_nonfinite_steps}")
     if cfg.logging.every_steps < 1:
         p.append(f"logging.every_steps: must be >= 1, got {cfg.logging.every_steps}")
     m = cfg.model

@@ -66,6 +66,19 @@ class RunLog:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
+    def truncate_after(self, step: int) -> None:
+        """Drop rows an interrupted run logged after `step` (a resumed run logs them again), atomically."""
+        if not self.is_main or not self.metrics_path.is_file():
+            return
+        kept = [
+            line for line in self.metrics_path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", -1) <= step
+        ]  # fmt: skip
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.metrics_path)
+        self.record("resume", step=step)
+
     # -- progress ----------------------------------------------------------------------------------------
     def start_progress(self, total_steps: int) -> None:
         self._start = time.monotonic()

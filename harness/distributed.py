@@ -9,6 +9,10 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
+import sys
+import time
+from datetime import timedelta
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,12 +119,14 @@ def build_accelerator(cfg: ExperimentConfig) -> Accelerator:
     on_cpu = not torch.cuda.is_available()
     if cfg.train.precision == "fp16" and on_cpu:
         raise ConfigError(["train.precision: fp16 needs a CUDA GPU (loss scaling); use bf16 or fp32 on CPU"])
+    # A collective waiting on a dead or hung rank fails after this, instead of hanging forever.
+    process_group = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.runtime.collective_timeout_s))
     kwargs: dict[str, Any] = {}
     if deepspeed_requested():
         kwargs["deepspeed_plugin"] = build_deepspeed_plugin(cfg, launched_world_size())
         if on_cpu:
             # Accelerate uses DeepSpeed only with cpu=False, and then finds no backend without GPUs: name gloo.
-            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+            process_group.backend = "gloo"
     # Otherwise Accelerate enters multi-process CPU mode (gloo) only when told cpu=True inside a torchrun-style
     # launch; without it, N launched CPU processes would each train alone as world size 1.
     accelerator = Accelerator(
@@ -128,6 +134,7 @@ def build_accelerator(cfg: ExperimentConfig) -> Accelerator:
         mixed_precision=MIXED_PRECISION[cfg.train.precision],
         gradient_accumulation_steps=cfg.train.grad_accum,
         step_scheduler_with_optimizer=False,
+        kwargs_handlers=[process_group],
         **kwargs,
     )
     if accelerator.num_processes != launched_world_size():
@@ -200,3 +207,39 @@ def memory_report(accelerator: Accelerator, model: torch.nn.Module, optimizer) -
         "optimizer_state": _tensor_bytes(moments),
         "fp32_master": master_bytes,
     }
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (what SLURM sends before preemption or the time limit) ask the run to stop at the next
+    step boundary with a checkpoint; a second signal exits at once with the requeue code."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, exit_code: int):
+        self.exit_code = exit_code
+        self.requested_at: float | None = None
+        self.signal_name = ""
+
+    def install(self) -> "StopRequest":
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested_at is not None:
+            print(f"second {signal.Signals(signum).name}: exiting now", file=sys.stderr, flush=True)
+            os._exit(self.exit_code)
+        self.requested_at = time.monotonic()
+        self.signal_name = signal.Signals(signum).name
+
+    @property
+    def requested(self) -> bool:
+        return self.requested_at is not None
+
+
+def agree(accelerator: Accelerator, flags: list[bool]) -> list[bool]:
+    """Each flag is true on every rank if it is true on any rank (one small all-reduce; a host sync point)."""
+    local = torch.tensor([float(f) for f in flags], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        local = accelerator.reduce(local, reduction="sum")
+    return [bool(v) for v in local.cpu().tolist()]

@@ -56,6 +56,7 @@ def evaluate_split(
         collate_fn=collator,
         num_workers=num_workers,
         pin_memory=accelerator.device.type == "cuda",
+        generator=torch.Generator(),  # never draw from the global RNG (keeps training resumable bit for bit)
     )
     was_training = model.training
     model.eval()

@@ -1,47 +1,58 @@
-"""The fine-tuning run, top to bottom: set up, train (accumulate, forward, backward, clip, step, log,
-validate, keep the best), then evaluate the best model on test and write results.json."""
+"""The fine-tuning run, top to bottom: set up (or resume), train (accumulate, forward, backward, clip, step,
+log, validate, keep the best, checkpoint), then evaluate the best model on test and write results.json."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from harness.checkpoint import export_model, load_weights, state_dict_copy
+from harness.checkpoint import (
+    CheckpointError,
+    export_model,
+    find_resume_checkpoint,
+    load_weights,
+    prune_checkpoints,
+    save_checkpoint,
+    state_dict_copy,
+    verify_checkpoint,
+)
 from harness.config import ConfigError, ExperimentConfig
 from harness.console import RunLog, quiet_library_progress_bars
 from harness.data import prepare_text_splits
 from harness.data.collate import PadCollator
 from harness.data.sampler import StepLayout, plan_epoch, rank_micro_batches, step_example_count, steps_per_epoch
 from harness.data.tokenize import tokenize_split
-from harness.distributed import RunPlace, build_accelerator, memory_report
+from harness.distributed import RunPlace, StopRequest, agree, build_accelerator, memory_report, zero_stage
 from harness.evaluation import evaluate_split, is_improvement, load_metric
+from harness.faults import injected_nan_steps
 from harness.model import load_tokenizer_and_model, max_positions, parameter_groups
 from harness.optim import build_optimizer, build_scheduler
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "results.json", "best", "final")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "results.json", "best", "final", "checkpoints")
+BEST_IN_CHECKPOINT = "best_model.safetensors"
+EXIT_REQUEUE = 75  # sysexits' EX_TEMPFAIL: stopped by a signal after a checkpoint; run again to resume
+
+
+class Preempted(Exception):
+    """Stopped by SIGTERM/SIGUSR1 after writing a checkpoint; the same command resumes the run."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many consecutive non-finite losses; the last good checkpoint is left intact."""
 
 
 def every_n_steps(step: int, n: int) -> bool:
     return n > 0 and step % n == 0
-
-
-def prepare_output_dir(cfg: ExperimentConfig) -> Path:
-    """Refuse a non-empty output_dir unless told to overwrite; then clear only this harness's own files."""
-    out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError([f"output_dir {out}: exists and is not a folder"])
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
-        raise ConfigError([f"output_dir {out}: not empty; pass overwrite=true to replace its results"])
-    return out
 
 
 @dataclass
@@ -63,14 +74,71 @@ class BestSoFar:
         return False
 
 
+@dataclass
+class TrainState:
+    """Progress a resumed run needs besides model, optimizer, scheduler and RNG (saved in trainer_state.json)."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+    """Global steps of the current epoch plan already run."""
+    consumed_before_plan: list[int] | None = None
+    """Examples of this epoch consumed before the current plan (only after resuming with another world size)."""
+    layout: list[int] = field(default_factory=list)
+    """[batch_size, world_size, grad_accum] the plan was made with."""
+    examples_seen: int = 0
+    tokens_seen: int = 0
+    window_loss_per_rank: list[float] = field(default_factory=list)
+    """Each rank's summed loss since the last train log line."""
+    window_examples: int = 0
+    nonfinite_streak: int = 0
+    skipped_steps: int = 0
+    last_eval_step: int = -1
+    best: dict = field(default_factory=dict)
+
+
+def epoch_plan(lengths: np.ndarray, layout: StepLayout, cfg: ExperimentConfig, epoch: int, exclude) -> list:
+    """The epoch's global steps; with `exclude`, a plan over the examples not yet consumed this epoch."""
+    if not exclude:
+        return plan_epoch(lengths, layout, cfg.seed, epoch, cfg.data.bucket_size_multiplier)
+    remaining = np.setdiff1d(np.arange(len(lengths)), np.asarray(exclude))
+    plan = plan_epoch(lengths[remaining], layout, cfg.seed, epoch, cfg.data.bucket_size_multiplier)
+    return [[remaining[mb].tolist() for mb in step] for step in plan]
+
+
+def prepare_output_dir(cfg: ExperimentConfig, warn) -> tuple[Path, tuple[Path, dict] | None]:
+    """Decide between a fresh start and a resume, refusing anything that would lose a user's files.
+
+    Returns the output folder and, when resuming, the checkpoint and its manifest."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError([f"output_dir {out}: exists and is not a folder"])
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "none") and not cfg.overwrite:
+        try:
+            return out, (Path(resume), verify_checkpoint(Path(resume)))
+        except CheckpointError as exc:
+            raise ConfigError([f"checkpoint.resume: {exc}"]) from exc
+    if resume == "auto" and not cfg.overwrite:
+        found = find_resume_checkpoint(out / "checkpoints", warn)
+        if found is not None:
+            return out, found
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        raise ConfigError(
+            [f"output_dir {out}: not empty and holds no checkpoint to resume; pass overwrite=true to replace it"]
+        )
+    return out, None
+
+
 def report_memory(accelerator, model, optimizer, log: RunLog) -> None:
     """Per-rank parameter / gradient / optimizer-state bytes, so users see what each ZeRO stage buys them."""
     per_rank = gather_object([memory_report(accelerator, model, optimizer)])
     mib = 2**20
     for rank, row in enumerate(per_rank):
         log.info(
-            f"memory rank {rank}: parameters {row['parameters'] / mib:.1f} MiB, gradients {row['gradients'] / mib:.1f} "
-            f"MiB, optimizer state {row['optimizer_state'] / mib:.1f} MiB, fp32 master {row['fp32_master'] / mib:.1f} MiB"
+            f"memory rank {rank}: parameters {row['parameters'] / mib:.2f} MiB, gradients "
+            f"{row['gradients'] / mib:.2f} MiB, optimizer state {row['optimizer_state'] / mib:.2f} MiB, "
+            f"fp32 master {row['fp32_master'] / mib:.2f} MiB"
         )
     log.record("memory", per_rank=per_rank)
 
@@ -78,9 +146,14 @@ def report_memory(accelerator, model, optimizer, log: RunLog) -> None:
 def run(cfg: ExperimentConfig) -> dict:
     t_start = time.monotonic()
     quiet_library_progress_bars()
-    out = prepare_output_dir(cfg)
+    stop = StopRequest(EXIT_REQUEUE).install()
+    early_warnings: list[str] = []
+    out, resume_from = prepare_output_dir(cfg, early_warnings.append)
     accelerator = build_accelerator(cfg)
     world, rank = accelerator.num_processes, accelerator.process_index
+    log = RunLog(out, accelerator.is_main_process, rank, cfg.logging.progress)
+    for message in early_warnings:
+        log.warn(message)
 
     # ---- data and model: every rank validates its inputs, so bad input fails everywhere before any work ----
     tokenizer, model = load_tokenizer_and_model(cfg.model, cfg.data.labels, cfg.seed)
@@ -98,10 +171,20 @@ def run(cfg: ExperimentConfig) -> dict:
         raise ConfigError(
             [f"data: {len(train_split)} training examples cannot fill one step of {layout.micro_batches} micro-batches"]
         )
-    total_steps = cfg.train.max_steps if cfg.train.max_steps >= 0 else cfg.train.epochs * per_epoch
+
+    # ---- where training starts: fresh, or from a checkpoint (its trainer state, checked for compatibility) ----
+    state = TrainState(layout=[layout.batch_size, layout.world_size, layout.grad_accum])
+    if resume_from is not None:
+        state = restore_trainer_state(resume_from, cfg, layout, train_split.lengths, accelerator, log)
+    remaining_this_epoch = len(epoch_plan(train_split.lengths, layout, cfg, state.epoch, state.consumed_before_plan))
+    if cfg.train.max_steps >= 0:
+        total_steps = cfg.train.max_steps
+    else:  # epochs: what is left of this epoch plus the epochs after it
+        total_steps = state.step + remaining_this_epoch - state.position + (cfg.train.epochs - state.epoch - 1) * per_epoch
 
     optimizer = build_optimizer(parameter_groups(model, cfg.train.weight_decay), cfg.train, accelerator.device)
     scheduler = build_scheduler(optimizer, cfg.train, max(total_steps, 1))
+    accelerator.register_for_checkpointing(scheduler)
     model, optimizer = accelerator.prepare(model, optimizer)
     collator = PadCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if accelerator.device.type == "cuda" else None)
     metric = load_metric(accelerator)
@@ -113,14 +196,24 @@ def run(cfg: ExperimentConfig) -> dict:
         )
 
     # ---- run files: written only now, after every input has been checked ----
-    log = RunLog(out, accelerator.is_main_process, rank, cfg.logging.progress)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        for name in RUN_FILES:
-            target = out / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        (out / "config.yaml").write_text(cfg.to_yaml())
-    accelerator.wait_for_everyone()
+    best = BestSoFar(**state.best) if state.best else BestSoFar(cfg.eval.metric)
+    best_state: dict[str, torch.Tensor] | None = None
+    if resume_from is None:
+        if accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            for name in RUN_FILES:
+                target = out / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            (out / "config.yaml").write_text(cfg.to_yaml())
+        accelerator.wait_for_everyone()
+    else:
+        checkpoint_dir, _ = resume_from
+        accelerator.load_state(str(checkpoint_dir / "state"))  # model, optimizer, scheduler, scaler, RNG
+        if (checkpoint_dir / BEST_IN_CHECKPOINT).is_file():
+            best_state = load_file(str(checkpoint_dir / BEST_IN_CHECKPOINT))
+        log.truncate_after(state.step)  # rows the interrupted run logged after its checkpoint are redone
+        if accelerator.is_main_process:
+            (out / "config.yaml").write_text(cfg.to_yaml())
     place = RunPlace.of(accelerator, cfg.train.precision)
     log.info(
         f"world size {world} ({place.distributed_type}, {place.backend or 'no backend'}) on {place.device}, "
@@ -128,19 +221,17 @@ def run(cfg: ExperimentConfig) -> dict:
         f"{len(train_split)}/{len(val_split)}/{len(test_split)}; {per_epoch} steps per epoch of "
         f"{layout.examples_per_step} examples; {total_steps} steps"
     )
-    log.record("setup", total_steps=total_steps, steps_per_epoch=per_epoch, **asdict(place))
+    log.record("setup", total_steps=total_steps, steps_per_epoch=per_epoch, resumed_from_step=state.step if resume_from else None, **asdict(place))
 
-    best = BestSoFar(cfg.eval.metric)
-    best_state: dict[str, torch.Tensor] | None = None
-
-    def validate_and_keep_best(step: int, epoch: float) -> bool:
+    def validate_and_keep_best(epoch: float) -> bool:
         """Validate; export the model to best/ when it improves. Returns True when early stopping says stop."""
         nonlocal best_state
         scores = validate(val_split)
-        improved = best.update(step, scores)
-        log.record("eval", split="validation", step=step, epoch=round(epoch, 4), **scores)
+        improved = best.update(state.step, scores)
+        state.last_eval_step = state.step
+        log.record("eval", split="validation", step=state.step, epoch=round(epoch, 4), **scores)
         log.info(
-            f"validation @ step {step}: loss {scores['loss']:.4f} accuracy {scores['accuracy']:.4f} "
+            f"validation @ step {state.step}: loss {scores['loss']:.4f} accuracy {scores['accuracy']:.4f} "
             f"f1_macro {scores['f1_macro']:.4f}" + ("  (best)" if improved else "")
         )
         if improved:
@@ -148,109 +239,160 @@ def run(cfg: ExperimentConfig) -> dict:
             export_model(accelerator, model, tokenizer, best_state, out / "best")
         return 0 < cfg.eval.patience <= best.evals_without_improvement
 
+    def checkpoint(reason: str) -> Path:
+        state.best = asdict(best)
+        state.window_loss_per_rank = [float(v) for v in gather_object([window_loss.item()])]
+        path = save_checkpoint(
+            accelerator, out / "checkpoints", state.step, asdict(state),
+            {"epoch": state.epoch, "position": state.position, "world_size": world, "reason": reason,
+             "config_fingerprint": cfg.fingerprint(), "model": cfg.model.name_or_path, "zero_stage": zero_stage(accelerator)},
+            extra_weights={BEST_IN_CHECKPOINT: best_state} if best_state is not None else None,
+        )  # fmt: skip
+        if accelerator.is_main_process:
+            prune_checkpoints(out / "checkpoints", cfg.checkpoint.keep_last, protected_steps={best.step})
+        log.record("checkpoint", step=state.step, path=str(path), reason=reason)
+        return path
+
     # ---- training ----
-    step, epoch, examples_seen, tokens_seen = 0, 0, 0, 0
-    window_loss = torch.zeros((), device=accelerator.device)  # summed on the device; read at log time only
-    window_examples = 0
-    last_eval_step = -1
+    nan_steps = injected_nan_steps()
+    window_loss = torch.tensor(state.window_loss_per_rank[rank] if state.window_loss_per_rank else 0.0,
+                               device=accelerator.device)  # summed on the device; read at log time only  # fmt: skip
+    last_checkpoint_time = time.monotonic()
     stop_early = False
     model.train()
     log.start_progress(total_steps)
+    log.advance(state.step, total_steps, None)
     t_train = time.monotonic()
-    while step < total_steps and not stop_early:
-        plan = plan_epoch(train_split.lengths, layout, cfg.seed, epoch, cfg.data.bucket_size_multiplier)
-        plan = plan[: total_steps - step]
-        my_batches = [mb for global_step in plan for mb in rank_micro_batches(global_step, layout, rank)]
+    examples_at_start, tokens_at_start = state.examples_seen, state.tokens_seen
+    while state.step < total_steps and not stop_early:
+        plan = epoch_plan(train_split.lengths, layout, cfg, state.epoch, state.consumed_before_plan)
+        todo = plan[state.position :][: total_steps - state.step]
+        my_batches = [mb for global_step in todo for mb in rank_micro_batches(global_step, layout, rank)]
         loader = DataLoader(
             train_split,
             batch_sampler=my_batches,
             collate_fn=collator,
             num_workers=cfg.data.num_workers,
             pin_memory=accelerator.device.type == "cuda",
+            generator=torch.Generator(),  # never draw from the global RNG: dropout masks stay resumable
         )
         batches = iter(loader)
-        for step_in_epoch, global_step in enumerate(plan):
+        for global_step in todo:
             # The loss of a step is normalised over every example in it: all micro-batches on all ranks.
             # Accelerate divides each backward by grad_accum and DDP averages gradients over ranks, so scale
             # the summed loss by world x grad_accum / (examples in the step) to get exactly sum / examples.
             step_examples = step_example_count(global_step)
             loss_scale = world * cfg.train.grad_accum / step_examples
+            step_loss = torch.zeros((), device=accelerator.device)
             for _ in range(cfg.train.grad_accum):
                 batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
                 with accelerator.accumulate(model):  # no gradient sync until the step's last micro-batch
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                     loss_sum = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+                    if state.step + 1 in nan_steps:
+                        loss_sum = loss_sum * float("nan")  # fault injection for tests (HARNESS_INJECT_NAN_STEPS)
                     accelerator.backward(loss_sum * loss_scale)
-                window_loss += loss_sum.detach()
-            # Accelerate's accumulation counter is now at a step boundary: gradients are synchronised.
-            if cfg.train.max_grad_norm > 0:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
+                step_loss += loss_sum.detach()
+
+            # Host sync, once per step: every rank agrees on a stop signal, a non-finite loss, a timed checkpoint.
+            stop_now, nonfinite, time_due = agree(accelerator, [
+                stop.requested,
+                not bool(torch.isfinite(step_loss)),
+                every_minutes_due(last_checkpoint_time, cfg.checkpoint.every_minutes),
+            ])  # fmt: skip
+            if nonfinite:
+                handle_nonfinite(state, optimizer, accelerator, cfg, log)
+            else:
+                # Accelerate's accumulation counter is at a step boundary: gradients are synchronised.
+                if cfg.train.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                state.nonfinite_streak = 0
+                window_loss += step_loss
             optimizer.zero_grad(set_to_none=True)
 
-            step += 1
-            if step == 1:
+            state.step += 1
+            state.position += 1
+            if state.step == 1:
                 report_memory(accelerator, model, optimizer, log)
-            examples_seen += step_examples
-            tokens_seen += int(train_split.lengths[np.concatenate(global_step)].sum())
-            window_examples += step_examples
-            epoch_progress = epoch + (step_in_epoch + 1) / len(plan) if plan else float(epoch)
+            state.examples_seen += step_examples
+            state.tokens_seen += int(train_split.lengths[np.concatenate(global_step)].sum())
+            state.window_examples += step_examples
+            epoch_progress = state.epoch + state.position / len(plan)
 
             log_values = None
-            if every_n_steps(step, cfg.logging.every_steps) or step == total_steps:
+            if every_n_steps(state.step, cfg.logging.every_steps) or state.step == total_steps:
                 # Host sync: the window's summed loss from every rank.
-                loss = accelerator.reduce(window_loss, reduction="sum").item() / window_examples
+                loss = accelerator.reduce(window_loss, reduction="sum").item() / max(1, state.window_examples)
                 elapsed = time.monotonic() - t_train
                 log_values = {
                     "loss": loss,
                     "lr": scheduler.get_last_lr()[0],
-                    "samples/s": examples_seen / elapsed,
-                    "tokens/s": tokens_seen / elapsed,
+                    "samples/s": (state.examples_seen - examples_at_start) / elapsed,
+                    "tokens/s": (state.tokens_seen - tokens_at_start) / elapsed,
                 }
-                grad = float(grad_norm) if cfg.train.max_grad_norm > 0 else None
+                grad = float(grad_norm) if cfg.train.max_grad_norm > 0 and not nonfinite else None
                 log.record(
-                    "train", split="train", step=step, epoch=round(epoch_progress, 4), loss=loss,
+                    "train", split="train", step=state.step, epoch=round(epoch_progress, 4), loss=loss,
                     lr=log_values["lr"], grad_norm=grad, samples_per_s=log_values["samples/s"],
-                    tokens_per_s=log_values["tokens/s"],
+                    tokens_per_s=log_values["tokens/s"], skipped_steps=state.skipped_steps,
                 )  # fmt: skip
                 window_loss.zero_()
-                window_examples = 0
-            log.advance(step, total_steps, log_values)
+                state.window_examples = 0
+            log.advance(state.step, total_steps, log_values)
 
-            end_of_epoch = step_in_epoch == len(plan) - 1
-            if every_n_steps(step, cfg.eval.every_steps) or end_of_epoch:
-                last_eval_step = step
-                if validate_and_keep_best(step, epoch_progress):
-                    log.info(f"early stopping: no improvement in {cfg.eval.patience} validations")
-                    stop_early = True
-                    break
-        epoch += 1
+            end_of_epoch = state.position == len(plan)
+            if every_n_steps(state.step, cfg.eval.every_steps) or end_of_epoch:
+                stop_early = validate_and_keep_best(epoch_progress)
+            if end_of_epoch:
+                state.epoch, state.position, state.consumed_before_plan = state.epoch + 1, 0, None
+            if stop_now:
+                path = checkpoint(f"signal {stop.signal_name}")
+                log.stop_progress()
+                log.info(f"{stop.signal_name}: checkpoint {path} written {time.monotonic() - stop.requested_at:.1f} s "
+                         f"after the signal; exiting with code {EXIT_REQUEUE} (run the same command to resume)")  # fmt: skip
+                log.record("preempted", step=state.step, signal=stop.signal_name,
+                           seconds_to_checkpoint=round(time.monotonic() - stop.requested_at, 3))  # fmt: skip
+                raise Preempted(str(path))
+            if (
+                every_n_steps(state.step, cfg.checkpoint.every_steps)
+                or time_due
+                or (end_of_epoch and cfg.checkpoint.at_epoch_end and state.step < total_steps)
+            ):
+                checkpoint("periodic" if not end_of_epoch else "epoch end")
+                last_checkpoint_time = time.monotonic()
+            if stop_early:
+                log.info(f"early stopping: no improvement in {cfg.eval.patience} validations")
+                break
     train_seconds = time.monotonic() - t_train
     log.stop_progress()
 
     # ---- the last state to final/, the best model on test ----
     export_model(accelerator, model, tokenizer, state_dict_copy(accelerator, model), out / "final")
-    if last_eval_step != step:  # evaluate-only runs (max_steps=0), or a run cut short by max_steps
-        validate_and_keep_best(step, float(epoch))
-    if best.step != step:
+    if state.last_eval_step != state.step:  # evaluate-only runs (max_steps=0), or a run cut short by max_steps
+        validate_and_keep_best(float(state.epoch))
+    if best.step != state.step:
         load_weights(accelerator, model, best_state)
         log.info(f"loaded the best model (step {best.step}, validation {best.metric} {best.value:.4f}) for test")
     test_scores = validate(test_split)
     log.record("eval", split="test", step=best.step, **test_scores)
     log.metrics_table("best model", {"validation": best.validation, "test": test_scores})
 
+    trained = state.examples_seen - examples_at_start
     results = {
         "test": test_scores,
         "best": {"step": best.step, "metric": best.metric, "value": best.value, "validation": best.validation},
         "world_size": world,
-        "optimizer_steps": step,
-        "epochs_completed": round(examples_seen / max(1, len(train_split)), 4),
-        "train_examples_seen": examples_seen,
+        "optimizer_steps": state.step,
+        "skipped_steps": state.skipped_steps,
+        "epochs_completed": round(state.examples_seen / max(1, len(train_split)), 4),
+        "train_examples_seen": state.examples_seen,
         "wall_seconds": round(time.monotonic() - t_start, 3),
         "train_seconds": round(train_seconds, 3),
-        "train_samples_per_s": examples_seen / train_seconds if step else 0.0,
-        "train_tokens_per_s": tokens_seen / train_seconds if step else 0.0,
+        "train_samples_per_s": trained / train_seconds if trained else 0.0,
+        "train_tokens_per_s": (state.tokens_seen - tokens_at_start) / train_seconds if trained else 0.0,
+        "resumed_from_step": resume_from[1]["step"] if resume_from else None,
         "precision": cfg.train.precision,
         "model": cfg.model.name_or_path,
         "config_fingerprint": cfg.fingerprint(),
@@ -260,3 +402,54 @@ def run(cfg: ExperimentConfig) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
+
+
+def every_minutes_due(since: float, minutes: float) -> bool:
+    return minutes > 0 and time.monotonic() - since >= minutes * 60
+
+
+def handle_nonfinite(state: TrainState, optimizer, accelerator, cfg: ExperimentConfig, log: RunLog) -> None:
+    """Skip a step whose loss is not finite (its gradients are dropped); stop after too many in a row."""
+    if zero_stage(accelerator):
+        # DeepSpeed applies the update inside backward, before the loss can be checked.
+        raise NonFiniteLoss(f"non-finite loss at step {state.step + 1} under DeepSpeed, which has already applied it; "
+                            "resume from the last checkpoint with a lower train.lr")  # fmt: skip
+    state.nonfinite_streak += 1
+    state.skipped_steps += 1
+    log.warn(f"step {state.step + 1}: non-finite loss, update skipped ({state.nonfinite_streak} in a row)")
+    if state.nonfinite_streak >= cfg.runtime.max_nonfinite_steps:
+        raise NonFiniteLoss(
+            f"{state.nonfinite_streak} consecutive non-finite losses (runtime.max_nonfinite_steps); stopping. "
+            "The last checkpoint is intact: lower train.lr or check the data, then resume."
+        )
+
+
+def restore_trainer_state(resume_from, cfg, layout: StepLayout, lengths, accelerator, log: RunLog) -> TrainState:
+    """Read trainer_state.json and check the checkpoint fits this run; map a world-size change onto samples."""
+    path, manifest = resume_from
+    problems = []
+    if manifest.get("model") != cfg.model.name_or_path:
+        problems.append(f"model.name_or_path: the checkpoint {path} trained {manifest.get('model')!r}, "
+                        f"this run asks for {cfg.model.name_or_path!r}")  # fmt: skip
+    if manifest.get("zero_stage", 0) != zero_stage(accelerator):
+        problems.append(f"ZeRO stage: the checkpoint {path} was saved under stage {manifest.get('zero_stage', 0)}, "
+                        f"this run uses stage {zero_stage(accelerator)}; resume it with the same launch config")  # fmt: skip
+    elif manifest.get("world_size") != layout.world_size and zero_stage(accelerator):
+        problems.append(f"world size: the checkpoint {path} holds ZeRO state sharded over "
+                        f"{manifest.get('world_size')} ranks; resume it with that many processes")  # fmt: skip
+    if problems:
+        raise ConfigError(problems, "resume")
+    state = TrainState(**json.loads((path / "trainer_state.json").read_text()))
+    old = StepLayout(*state.layout)
+    if old != layout:
+        # Continue from the same global sample position: what the old plan consumed this epoch is excluded.
+        old_plan = epoch_plan(lengths, old, cfg, state.epoch, state.consumed_before_plan)
+        consumed = list(state.consumed_before_plan or []) + [i for s in old_plan[: state.position] for mb in s for i in mb]
+        log.info(f"resuming with batch/world/accum {layout.batch_size}/{layout.world_size}/{layout.grad_accum} "
+                 f"(was {old.batch_size}/{old.world_size}/{old.grad_accum}): continuing epoch {state.epoch} after "
+                 f"its first {len(consumed)} examples")  # fmt: skip
+        state.consumed_before_plan, state.position = consumed, 0
+        state.layout = [layout.batch_size, layout.world_size, layout.grad_accum]
+        state.window_loss_per_rank = [sum(state.window_loss_per_rank)] + [0.0] * (layout.world_size - 1)
+    log.info(f"resuming from {path} (step {state.step}, epoch {state.epoch}, position {state.position})")
+    return state

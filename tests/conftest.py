@@ -45,10 +45,17 @@ def tiny_config(tmp_path: Path, **sections) -> Path:
 
 
 def run_harness(
-    config: Path, *overrides: str, nproc: int = 1, entry: Path = TRAIN, timeout: int = 300, check: bool = True
+    config: Path,
+    *overrides: str,
+    nproc: int = 1,
+    entry: Path = TRAIN,
+    timeout: int = 300,
+    check: bool = True,
+    env_extra: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """Run an entry point as one process (python) or `nproc` gloo ranks (torchrun), from the repo root."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           **(env_extra or {})}  # fmt: skip
     if nproc == 1:
         cmd = [sys.executable, str(entry)]
     else:

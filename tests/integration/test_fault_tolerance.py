@@ -1,0 +1,188 @@
+"""Kill, signal, corrupt and break real runs; check that nothing is lost and resumed runs are the same run."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from harness.checkpoint import verify_checkpoint
+from tests.conftest import ROOT, TRAIN, free_port, read_metrics, read_results, run_harness, tiny_config
+
+pytestmark = pytest.mark.slow
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def command(config: Path, *overrides: str, nproc: int = 1) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, str(TRAIN), "--config", str(config), *overrides]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(free_port()), str(TRAIN), "--config", str(config), *overrides]  # fmt: skip
+
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+
+
+def wait_for(out: Path, predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Poll metrics.jsonl until a row satisfies `predicate`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        path = out / "metrics.jsonl"
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    if predicate(json.loads(line)):
+                        return
+                except json.JSONDecodeError:
+                    pass  # a line being written
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting for the run")
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher and every process under it (torchrun's workers live in their own process groups)."""
+    import psutil
+
+    parent = psutil.Process(proc.pid)
+    for p in [parent, *parent.children(recursive=True)]:
+        p.kill()
+    proc.wait()
+
+
+def steps_rows(out: Path, event: str, after: int) -> dict[int, dict]:
+    rows = [r for r in read_metrics(out) if r["event"] == event and r.get("split") != "test" and r["step"] > after]
+    keys = ("loss", "lr", "grad_norm", "accuracy", "f1_macro")
+    return {r["step"]: {k: r[k] for k in keys if k in r} for r in rows}
+
+
+@pytest.fixture
+def config(tmp_path):
+    # Dropout on: a resumed run must restore every RNG to draw the same masks.
+    return tiny_config(
+        tmp_path,
+        data={"synthetic_train_size": 240, "validation_size": 40},
+        train={"epochs": 2, "batch_size": 8},
+        eval={"every_steps": 10, "batch_size": 16},
+        checkpoint={"every_steps": 4, "keep_last": 2},
+        logging={"every_steps": 1, "progress": "plain"},
+    )
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigkill_then_resume_is_bitwise_the_uninterrupted_run(config, tmp_path, nproc):
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    run_harness(config, f"output_dir={reference}", nproc=nproc)
+    total = read_results(reference)["optimizer_steps"]
+
+    kill_at = random.Random(nproc).randint(6, total - 2)  # some step after the first checkpoint (step 4)
+    proc = start(command(config, f"output_dir={interrupted}", nproc=nproc))
+    wait_for(interrupted, lambda r: r["event"] == "train" and r["step"] >= kill_at, proc)
+    kill_tree(proc)
+
+    resumed = run_harness(config, f"output_dir={interrupted}", nproc=nproc)
+    results = read_results(interrupted)
+    resume_step = results["resumed_from_step"]
+    assert resume_step is not None and resume_step % 4 == 0 and resume_step <= kill_at, resume_step
+    assert f"resuming from {interrupted / 'checkpoints'}" in resumed.stdout
+    assert results["world_size"] == nproc and results["optimizer_steps"] == total
+
+    a, b = (
+        load_file(str(reference / "final" / "model.safetensors")),
+        load_file(str(interrupted / "final" / "model.safetensors")),
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights must be bitwise equal"
+    for event in ("train", "eval"):
+        assert steps_rows(interrupted, event, resume_step) == steps_rows(reference, event, resume_step)
+    assert results["test"] == read_results(reference)["test"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_checkpoints_and_exits_with_requeue_code(config, tmp_path, sig):
+    out = tmp_path / "run"
+    proc = start(command(config, f"output_dir={out}", "checkpoint.every_steps=0"))
+    wait_for(out, lambda r: r["event"] == "train" and r["step"] >= 3, proc)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    assert proc.returncode == 75, proc.stderr.read()[-2000:]
+    preempted = [r for r in read_metrics(out) if r["event"] == "preempted"]
+    assert preempted and preempted[0]["signal"] == sig.name and preempted[0]["seconds_to_checkpoint"] < 30
+    step = preempted[0]["step"]
+    verify_checkpoint(out / "checkpoints" / f"step-{step:07d}")  # complete and intact
+    run_harness(config, f"output_dir={out}", "checkpoint.every_steps=0")
+    assert read_results(out)["resumed_from_step"] == step
+
+
+def test_corrupted_newest_checkpoint_is_skipped_for_the_previous_one(config, tmp_path):
+    out = tmp_path / "run"
+    run_harness(config, f"output_dir={out}", "train.max_steps=13", "checkpoint.keep_last=3")
+    newest = out / "checkpoints" / "step-0000012"
+    weights = newest / "state" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated, as by a crash mid-copy
+    partial = out / "checkpoints" / "step-0000013"
+    partial.mkdir()  # a folder without its manifest: a save that never finished
+    proc = run_harness(config, f"output_dir={out}", "train.max_steps=14")
+    assert f"skipping checkpoint: {partial}: incomplete" in proc.stderr
+    assert f"skipping checkpoint: {weights}: checksum mismatch" in proc.stderr
+    assert read_results(out)["resumed_from_step"] == 8
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(config, tmp_path):
+    out = tmp_path / "one"
+    run_harness(config, f"output_dir={out}", "train.max_steps=8", env_extra={"HARNESS_INJECT_NAN_STEPS": "3"})
+    results = read_results(out)
+    assert results["skipped_steps"] == 1 and results["optimizer_steps"] == 8
+    assert [r["skipped_steps"] for r in read_metrics(out) if r["event"] == "train"][2] == 1
+
+    out = tmp_path / "many"
+    proc = run_harness(
+        config, f"output_dir={out}", "runtime.max_nonfinite_steps=3", "checkpoint.every_steps=2",
+        env_extra={"HARNESS_INJECT_NAN_STEPS": "5,6,7,8"}, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 3
+    assert "3 consecutive non-finite losses" in proc.stderr
+    # Skipped steps apply no update: the checkpoint at step 6 (inside the streak) holds step 4's weights.
+    good, during = out / "checkpoints" / "step-0000004", out / "checkpoints" / "step-0000006"
+    verify_checkpoint(good)
+    verify_checkpoint(during)
+    a, b = load_file(str(good / "state" / "model.safetensors")), load_file(str(during / "state" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_dead_rank_ends_the_job_within_the_timeout(config, tmp_path):
+    import psutil
+
+    out = tmp_path / "run"
+    proc = start(command(config, f"output_dir={out}", "runtime.collective_timeout_s=20", "train.epochs=50", nproc=2))
+    wait_for(out, lambda r: r["event"] == "train" and r["step"] >= 3, proc)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
+    killed_at = time.monotonic()
+    rank1.kill()
+    proc.wait(timeout=90)
+    assert proc.returncode != 0
+    assert time.monotonic() - killed_at < 60
+    assert "rank      : 1" in proc.stderr.read()
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(config, tmp_path):
+    out = tmp_path / "run"
+    blocker = out / "checkpoints" / ".tmp-step-0000008"
+    proc = start(command(config, f"output_dir={out}"))
+    wait_for(out, lambda r: r["event"] == "checkpoint" and r["step"] == 4, proc)
+    blocker.write_text("a file where the next checkpoint's folder must go")
+    proc.wait(timeout=120)
+    stderr = proc.stderr.read()
+    assert proc.returncode == 4, stderr[-2000:]
+    assert f"saving checkpoint {out / 'checkpoints' / 'step-0000008'} failed" in stderr
+    verify_checkpoint(out / "checkpoints" / "step-0000004")
