@@ -1,0 +1,36 @@
+"""The launcher for real: `python -m launch cpu 2` trains as 2 gloo ranks on CPU."""
+
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, free_port, read_results
+
+pytestmark = pytest.mark.slow
+
+
+def test_launch_cpu_2_trains_with_world_size_2(tmp_path):
+    out = tmp_path / "run"
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "launch", "cpu", "2", "--port", str(port), "--",
+        "--config", "configs/quickstart.yaml", f"output_dir={out}", "train.max_steps=6",
+        f"data.cache_dir={tmp_path / 'cache'}", "logging.progress=plain",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    # The launcher printed the torchrun command it ran (one line, stderr) before the training output.
+    printed = next(line for line in proc.stderr.splitlines() if "--nproc_per_node" in line)
+    argv = shlex.split(printed)
+    while "=" in argv[0]:  # environment additions lead the line (OMP_NUM_THREADS=...)
+        argv.pop(0)
+    assert argv[0].endswith("torchrun")
+    assert argv[argv.index("--nproc_per_node") + 1] == "2"
+    assert argv[argv.index("--master_port") + 1] == str(port)
+    results = read_results(out)
+    assert results["world_size"] == 2
+    assert results["optimizer_steps"] == 6
