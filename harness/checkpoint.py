@@ -54,7 +54,9 @@ def export_model(
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         accelerator.unwrap_model(model).save_pretrained(
-            tmp, state_dict=dict(state), safe_serialization=True  # a copy: save_pretrained consumes the dict
+            tmp,
+            state_dict=dict(state),
+            safe_serialization=True,  # a copy: save_pretrained consumes the dict
         )
         tokenizer.save_pretrained(tmp)
         old = path.with_name(path.name + ".old")
@@ -161,7 +163,9 @@ def save_checkpoint(
             _fsync_dir(checkpoints_dir)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointSaveError(f"saving checkpoint {final} failed: {exc.strerror or exc} ({exc.filename or tmp})") from exc
+            raise CheckpointSaveError(
+                f"saving checkpoint {final} failed: {exc.strerror or exc} ({exc.filename or tmp})"
+            ) from exc
     accelerator.wait_for_everyone()
     return final
 
@@ -199,7 +203,9 @@ def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
 
 def find_resume_checkpoint(checkpoints_dir: Path, warn) -> tuple[Path, dict] | None:
     """The newest intact checkpoint; broken or incomplete ones are skipped with a warning naming them."""
-    candidates = [p for p in checkpoints_dir.iterdir() if p.name.startswith(STEP_DIR_PREFIX)] if checkpoints_dir.is_dir() else []
+    candidates = (
+        [p for p in checkpoints_dir.iterdir() if p.name.startswith(STEP_DIR_PREFIX)] if checkpoints_dir.is_dir() else []
+    )
     for path in sorted(candidates, key=lambda p: p.name, reverse=True):
         try:
             return path, verify_checkpoint(path)

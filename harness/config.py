@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -31,9 +31,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     name_or_path: str = "bert-base-uncased"
     """Hub id, local folder, a previous run's `best/`, or `builtin:tiny-bert` / `builtin:all-minilm-l6-v2`."""
-    dropout: Optional[float] = None
+    dropout: float | None = None
     """Encoder dropout (hidden and attention probabilities); null keeps the checkpoint's."""
-    classifier_dropout: Optional[float] = None
+    classifier_dropout: float | None = None
     """Dropout before the classification head; null keeps the checkpoint's hidden dropout."""
     freeze_embeddings: bool = False
     """Freeze the embedding layer."""
@@ -49,7 +49,7 @@ class ModelConfig:
 class DataConfig:
     source: Literal["imdb", "path", "synthetic"] = "imdb"
     """Where the data comes from: the hub's stanfordnlp/imdb, a local folder (`data.path`), or built-in synthetic."""
-    path: Optional[str] = None
+    path: str | None = None
     """For source=path: an aclImdb folder, or a folder with train.* and test.* (parquet, csv, jsonl)."""
     labels: list[str] = field(default_factory=lambda: ["neg", "pos"])
     """Label names in id order; integer labels index this list, string labels must be in it."""
@@ -61,9 +61,9 @@ class DataConfig:
     """For truncation=head_tail: tokens kept from the start (the rest come from the end)."""
     validation_size: int = 5000
     """Examples carved from train (stratified, seeded) for validation."""
-    max_train_samples: Optional[int] = None
+    max_train_samples: int | None = None
     """Cap on training examples (after the validation split); null for all."""
-    max_eval_samples: Optional[int] = None
+    max_eval_samples: int | None = None
     """Cap on validation and on test examples; null for all."""
     synthetic_train_size: int = 2000
     """For source=synthetic: number of train examples generated."""

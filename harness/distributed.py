@@ -12,8 +12,8 @@ import os
 import signal
 import sys
 import time
-from datetime import timedelta
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,10 @@ def fill_deepspeed_config(raw: dict, cfg: ExperimentConfig, world_size: int, sou
     owned: dict[str, tuple[Any, str]] = {
         "train_micro_batch_size_per_gpu": (t.batch_size, "train.batch_size"),
         "gradient_accumulation_steps": (t.grad_accum, "train.grad_accum"),
-        "train_batch_size": (t.batch_size * t.grad_accum * world_size, "train.batch_size x train.grad_accum x world size"),
+        "train_batch_size": (
+            t.batch_size * t.grad_accum * world_size,
+            "train.batch_size x train.grad_accum x world size",
+        ),
         "gradient_clipping": (t.max_grad_norm, "train.max_grad_norm"),
         "bf16.enabled": (t.precision == "bf16", "train.precision"),
         "fp16.enabled": (t.precision == "fp16", "train.precision"),
@@ -84,8 +87,12 @@ def fill_deepspeed_config(raw: dict, cfg: ExperimentConfig, world_size: int, sou
         current = _get(filled, key)
         if current is None or current == "auto":
             _set(filled, key, value)
-        elif current != value and not (isinstance(value, float) and isinstance(current, (int, float)) and float(current) == value):
-            problems.append(f"{source}: {key} is {current!r} but the experiment's {exp_key} is {value!r}; set it to \"auto\" or make them agree")
+        elif current != value and not (
+            isinstance(value, float) and isinstance(current, (int, float)) and float(current) == value
+        ):
+            problems.append(
+                f'{source}: {key} is {current!r} but the experiment\'s {exp_key} is {value!r}; set it to "auto" or make them agree'
+            )
     if problems:
         raise ConfigError(problems, "DeepSpeed config")
     filled.setdefault("steps_per_print", 10**9)  # the harness logs progress itself
@@ -157,7 +164,7 @@ class RunPlace:
     precision: str
 
     @classmethod
-    def of(cls, accelerator: Accelerator, precision: str) -> "RunPlace":
+    def of(cls, accelerator: Accelerator, precision: str) -> RunPlace:
         state = accelerator.state
         return cls(
             world_size=accelerator.num_processes,
@@ -199,7 +206,7 @@ def memory_report(accelerator: Accelerator, model: torch.nn.Module, optimizer) -
                 "fp32_master": 0}  # fmt: skip
     base = inner.optimizer  # DeepSpeed's ZeRO optimizer wraps the torch optimizer, whose state is per partition
     moments = [v for state in base.state.values() for k, v in state.items() if k != "step"]
-    partitions = getattr(inner, "single_partition_of_fp32_groups", None) or getattr(inner, "fp32_partitioned_groups_flat")
+    partitions = getattr(inner, "single_partition_of_fp32_groups", None) or inner.fp32_partitioned_groups_flat
     master_bytes = _tensor_bytes(partitions)
     return {
         "parameters": param_bytes,
@@ -220,7 +227,7 @@ class StopRequest:
         self.requested_at: float | None = None
         self.signal_name = ""
 
-    def install(self) -> "StopRequest":
+    def install(self) -> StopRequest:
         for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
         return self

@@ -61,7 +61,7 @@ def evaluate_split(
     was_training = model.training
     model.eval()
     indices, predictions, losses = [], [], []
-    for batch, is_padding in zip(loader, plan.is_padding):
+    for batch, is_padding in zip(loader, plan.is_padding, strict=True):
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         if is_padding:

@@ -180,7 +180,9 @@ def run(cfg: ExperimentConfig) -> dict:
     if cfg.train.max_steps >= 0:
         total_steps = cfg.train.max_steps
     else:  # epochs: what is left of this epoch plus the epochs after it
-        total_steps = state.step + remaining_this_epoch - state.position + (cfg.train.epochs - state.epoch - 1) * per_epoch
+        total_steps = (
+            state.step + remaining_this_epoch - state.position + (cfg.train.epochs - state.epoch - 1) * per_epoch
+        )
 
     optimizer = build_optimizer(parameter_groups(model, cfg.train.weight_decay), cfg.train, accelerator.device)
     scheduler = build_scheduler(optimizer, cfg.train, max(total_steps, 1))
@@ -221,7 +223,13 @@ def run(cfg: ExperimentConfig) -> dict:
         f"{len(train_split)}/{len(val_split)}/{len(test_split)}; {per_epoch} steps per epoch of "
         f"{layout.examples_per_step} examples; {total_steps} steps"
     )
-    log.record("setup", total_steps=total_steps, steps_per_epoch=per_epoch, resumed_from_step=state.step if resume_from else None, **asdict(place))
+    log.record(
+        "setup",
+        total_steps=total_steps,
+        steps_per_epoch=per_epoch,
+        resumed_from_step=state.step if resume_from else None,
+        **asdict(place),
+    )
 
     def validate_and_keep_best(epoch: float) -> bool:
         """Validate; export the model to best/ when it improves. Returns True when early stopping says stop."""
@@ -444,7 +452,9 @@ def restore_trainer_state(resume_from, cfg, layout: StepLayout, lengths, acceler
     if old != layout:
         # Continue from the same global sample position: what the old plan consumed this epoch is excluded.
         old_plan = epoch_plan(lengths, old, cfg, state.epoch, state.consumed_before_plan)
-        consumed = list(state.consumed_before_plan or []) + [i for s in old_plan[: state.position] for mb in s for i in mb]
+        consumed = list(state.consumed_before_plan or []) + [
+            i for s in old_plan[: state.position] for mb in s for i in mb
+        ]
         log.info(f"resuming with batch/world/accum {layout.batch_size}/{layout.world_size}/{layout.grad_accum} "
                  f"(was {old.batch_size}/{old.world_size}/{old.grad_accum}): continuing epoch {state.epoch} after "
                  f"its first {len(consumed)} examples")  # fmt: skip

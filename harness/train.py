@@ -1,7 +1,7 @@
 """Fine-tune a text classifier.
 
-    accelerate launch harness/train.py --config configs/quickstart.yaml [key=value ...]
-    python harness/train.py --config configs/quickstart.yaml --print-config
+accelerate launch harness/train.py --config configs/quickstart.yaml [key=value ...]
+python harness/train.py --config configs/quickstart.yaml --print-config
 """
 
 from __future__ import annotations

@@ -18,4 +18,3 @@ def prepare_text_splits(cfg: ExperimentConfig) -> dict[str, LabelledTexts]:
         "validation": cap(validation, cfg.data.max_eval_samples, cfg.seed),
         "test": cap(raw["test"], cfg.data.max_eval_samples, cfg.seed),
     }
-

@@ -8,9 +8,10 @@ and, where there is one, the row.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from harness.config import DataConfig
 
@@ -32,13 +33,13 @@ class LabelledTexts:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def select(self, indices: Sequence[int]) -> "LabelledTexts":
+    def select(self, indices: Sequence[int]) -> LabelledTexts:
         return LabelledTexts([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.origin)
 
     def content_hash(self) -> str:
         """Hash of texts and labels: part of the tokenization cache key."""
         h = hashlib.sha256()
-        for text, label in zip(self.texts, self.labels):
+        for text, label in zip(self.texts, self.labels, strict=True):
             h.update(text.encode())
             h.update(b"\x00%d\x00" % label)
         return h.hexdigest()
@@ -67,7 +68,7 @@ def _check_rows(texts: Sequence[Any], raw_labels: Sequence[Any], labels: list[st
         raise DataError(f"{origin}: the split is empty")
     name_to_id = {name: i for i, name in enumerate(labels)}
     ids = []
-    for row, (text, label) in enumerate(zip(texts, raw_labels)):
+    for row, (text, label) in enumerate(zip(texts, raw_labels, strict=True)):
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{origin}, row {row}: text must be a non-empty string, got {text!r:.60}")
         label_id = _label_id(label, name_to_id)

@@ -56,12 +56,15 @@ def test_zero_matches_ddp(stage, config, ddp, tmp_path):
     ddp_rows, zero_rows = train_rows(ddp), train_rows(out)
     assert [r["step"] for r in zero_rows] == list(range(1, STEPS + 1)) == [r["step"] for r in ddp_rows]
     assert all(r["grad_norm"] > 0.02 for r in ddp_rows), "clipping must be active for this test to mean anything"
-    for d, z in zip(ddp_rows, zero_rows):
+    for d, z in zip(ddp_rows, zero_rows, strict=True):
         assert z["loss"] == pytest.approx(d["loss"], rel=1e-5), (d["step"], d["loss"], z["loss"])
         assert z["grad_norm"] == pytest.approx(d["grad_norm"], rel=1e-4)
 
     # The exported final model (under ZeRO-3: consolidated from the shards) equals DDP's parameters.
-    ddp_weights, zero_weights = load_file(str(ddp / "final" / "model.safetensors")), load_file(str(out / "final" / "model.safetensors"))
+    ddp_weights, zero_weights = (
+        load_file(str(ddp / "final" / "model.safetensors")),
+        load_file(str(out / "final" / "model.safetensors")),
+    )
     assert ddp_weights.keys() == zero_weights.keys()
     for key in ddp_weights:
         torch.testing.assert_close(zero_weights[key], ddp_weights[key], rtol=1e-5, atol=1e-6, msg=key)

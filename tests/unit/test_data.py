@@ -5,13 +5,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness.config import DataConfig
+from harness.config import DataConfig, ModelConfig
 from harness.data.collate import PadCollator
 from harness.data.sources import DataError, LabelledTexts, load_path_splits, load_synthetic
 from harness.data.splits import cap, split_validation
 from harness.data.tokenize import TokenizedSplit, tokenize_split, truncate
 from harness.model import TINY_BERT, load_tokenizer_and_model
-from harness.config import ModelConfig
 
 LABELS = ["neg", "pos"]
 
@@ -23,13 +22,15 @@ def write_table(path, texts, labels):
     elif path.suffix == ".csv":
         frame.to_csv(path, index=False)
     else:
-        path.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in zip(texts, labels)))
+        path.write_text(
+            "".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in zip(texts, labels, strict=True))
+        )
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".csv", ".jsonl"])
 def test_path_source_reads_each_format(tmp_path, suffix):
     # Labels as names or as ids written as text (parquet columns have one type, so strings throughout).
-    write_table(tmp_path / f"train{suffix}", ["good film", "bad film", "fine, \"quoted\" text"], ["1", "0", "pos"])
+    write_table(tmp_path / f"train{suffix}", ["good film", "bad film", 'fine, "quoted" text'], ["1", "0", "pos"])
     write_table(tmp_path / f"test{suffix}", ["ok", "meh"], ["neg", "1"])
     splits = load_path_splits(str(tmp_path), LABELS)
     assert splits["train"].texts == ["good film", "bad film", 'fine, "quoted" text']
@@ -127,7 +128,7 @@ def test_synthetic_is_balanced_deterministic_and_learnable_by_counting():
     cfg = DataConfig(source="synthetic", synthetic_train_size=400, synthetic_test_size=50)
     a, b = load_synthetic(cfg, seed=1), load_synthetic(cfg, seed=1)
     assert a["train"].texts == b["train"].texts and Counter(a["train"].labels) == {0: 200, 1: 200}
-    for text, label in zip(a["train"].texts, a["train"].labels):  # the label is the majority polarity
+    for text, label in zip(a["train"].texts, a["train"].labels, strict=True):  # the label is the majority polarity
         words = text.rstrip(".").split()
         assert (sum(w in POSITIVE for w in words) > sum(w in NEGATIVE for w in words)) == (label == 1)
 
@@ -159,7 +160,9 @@ def test_tokenize_adds_specials_truncates_and_caches(tmp_path, tiny_tokenizer, m
 
     calls = []
     original = type(tiny_tokenizer).__call__
-    monkeypatch.setattr(type(tiny_tokenizer), "__call__", lambda self, *a, **k: calls.append(a) or original(self, *a, **k))
+    monkeypatch.setattr(
+        type(tiny_tokenizer), "__call__", lambda self, *a, **k: calls.append(a) or original(self, *a, **k)
+    )
     again = tokenize_split(split, tiny_tokenizer, cfg)
     assert [a.tolist() for a in again.input_ids] == [a.tolist() for a in out.input_ids]
     tokenizer_calls_on_hit = len(calls)

@@ -24,7 +24,9 @@ def test_ranks_get_disjoint_complete_shards(world, accum, batch):
     assert len(everything) == len(set(everything)), "an example was given to two ranks (or twice)"
     dropped = len(LENGTHS) - len(everything)
     # Only a tail too small to give every micro-batch one example waits for the next epoch.
-    assert dropped == (len(LENGTHS) % layout.examples_per_step if len(LENGTHS) % layout.examples_per_step < layout.micro_batches else 0)
+    assert dropped == (
+        len(LENGTHS) % layout.examples_per_step if len(LENGTHS) % layout.examples_per_step < layout.micro_batches else 0
+    )
     for step in plan:  # every rank runs the same number of non-empty micro-batches in every step
         assert len(step) == layout.micro_batches and all(len(mb) >= 1 for mb in step)
         sizes = [len(mb) for mb in step]
@@ -67,9 +69,11 @@ def test_step_content_independent_of_how_the_step_is_split():
 def test_eval_plan_covers_each_example_once_with_equal_batch_counts(world):
     plans = [plan_eval(LENGTHS, 16, world, r) for r in range(world)]
     assert len({len(p.batches) for p in plans}) == 1
-    kept = [i for p in plans for b, pad in zip(p.batches, p.is_padding) if not pad for i in b]
+    kept = [i for p in plans for b, pad in zip(p.batches, p.is_padding, strict=True) if not pad for i in b]
     assert sorted(kept) == list(range(len(LENGTHS)))
     single = plan_eval(LENGTHS, 16, 1, 0).batches
-    assert sorted(map(tuple, (b for p in plans for b, pad in zip(p.batches, p.is_padding) if not pad))) == sorted(
-        map(tuple, single)
-    ), "an example's batch (its neighbours and padded shape) must not depend on the world size"
+    assert sorted(
+        map(tuple, (b for p in plans for b, pad in zip(p.batches, p.is_padding, strict=True) if not pad))
+    ) == sorted(map(tuple, single)), (
+        "an example's batch (its neighbours and padded shape) must not depend on the world size"
+    )
