@@ -8,7 +8,10 @@ checkpoint (requeue and run the same command to resume).
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
 from collections.abc import Callable
 
 from harness.config import ConfigError, ExperimentConfig, load_config
@@ -26,6 +29,22 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+EXIT_STATUS_FILE = "exit_status.json"
+
+
+def write_exit_status(cfg: ExperimentConfig, status: str, code: int) -> None:
+    """<output_dir>/exit_status.json, from the main process: how the run ended, for batch scripts.
+
+    Launchers (torchrun, accelerate launch) turn any failing worker into their own exit code 1, so a SLURM
+    script reads this file to tell a preemption (requeue it) from a failure (do not)."""
+    if os.environ.get("RANK", "0") != "0" or not os.path.isdir(cfg.output_dir):
+        return
+    path = os.path.join(cfg.output_dir, EXIT_STATUS_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"status": status, "exit_code": code, "time": time.time()}, f)
+    os.replace(path + ".tmp", path)
+
+
 def main_entry(run: Callable[[ExperimentConfig], dict], argv: list[str] | None, prog: str) -> int:
     from harness.checkpoint import CheckpointSaveError
     from harness.data.sources import DataError
@@ -38,16 +57,24 @@ def main_entry(run: Callable[[ExperimentConfig], dict], argv: list[str] | None, 
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return 0
+    except ConfigError as exc:  # nothing was written yet, not even the status
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    try:
         run(cfg)
     except (ConfigError, DataError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     except Preempted:
+        write_exit_status(cfg, "preempted", EXIT_REQUEUE)
         return EXIT_REQUEUE
     except NonFiniteLoss as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        write_exit_status(cfg, "failed", EXIT_NONFINITE)
         return EXIT_NONFINITE
     except CheckpointSaveError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        write_exit_status(cfg, "failed", EXIT_SAVE_FAILED)
         return EXIT_SAVE_FAILED
+    write_exit_status(cfg, "completed", 0)
     return 0

@@ -38,7 +38,7 @@ from harness.faults import injected_nan_steps
 from harness.model import load_tokenizer_and_model, max_positions, parameter_groups
 from harness.optim import build_optimizer, build_scheduler
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "results.json", "best", "final", "checkpoints")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "results.json", "best", "final", "checkpoints", "exit_status.json")
 BEST_IN_CHECKPOINT = "best_model.safetensors"
 EXIT_REQUEUE = 75  # sysexits' EX_TEMPFAIL: stopped by a signal after a checkpoint; run again to resume
 
@@ -216,6 +216,7 @@ def run(cfg: ExperimentConfig) -> dict:
         log.truncate_after(state.step)  # rows the interrupted run logged after its checkpoint are redone
         if accelerator.is_main_process:
             (out / "config.yaml").write_text(cfg.to_yaml())
+            (out / "exit_status.json").unlink(missing_ok=True)  # this run writes its own
     place = RunPlace.of(accelerator, cfg.train.precision)
     log.info(
         f"world size {world} ({place.distributed_type}, {place.backend or 'no backend'}) on {place.device}, "

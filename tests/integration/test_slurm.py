@@ -1,0 +1,92 @@
+"""slurm/*.sbatch on a real one-node SLURM cluster: a job to completion, a preempted job that requeues and
+resumes to the same result, and a sweep as a job array."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT, read_metrics, read_results, tiny_config
+
+pytestmark = pytest.mark.slow
+CPU_JOB = {"HARNESS_LAUNCH": "cpu", "NPROC_PER_NODE": "2"}  # 2 gloo processes on the node
+SBATCH_CPU = ("--gres=none", "--cpus-per-task=2", "--time=15")  # the scripts' GPU defaults, overridden
+
+
+def submit(cluster, tmp_path, *args):
+    return cluster.sbatch(*SBATCH_CPU, f"--output={tmp_path}/%x-%j.out", *args, env=CPU_JOB, cwd=ROOT)
+
+
+def log_of(tmp_path, name, job_id):
+    return (tmp_path / f"{name}-{job_id}.out").read_text()
+
+
+def test_train_job_runs_to_completion(slurm_cluster, tmp_path):
+    config = tiny_config(tmp_path, data={"synthetic_train_size": 300})
+    job = submit(slurm_cluster, tmp_path, "slurm/train.sbatch", str(config), "train.lr=2e-3")
+    info = slurm_cluster.wait_until(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
+    log = log_of(tmp_path, "harness-train", job)
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    results = read_results(tmp_path / "run")
+    assert results["world_size"] == 2 and results["optimizer_steps"] == 15
+    assert set(results["test"]) >= {"loss", "accuracy", "precision", "recall", "f1_macro", "f1_micro"}
+    assert json.loads((tmp_path / "run" / "exit_status.json").read_text())["status"] == "completed"
+    assert "torchrun --nproc_per_node 2" in log and "run status completed" in log
+
+
+def test_preempted_job_checkpoints_requeues_resumes_and_matches_an_uninterrupted_job(slurm_cluster, tmp_path):
+    config = tiny_config(
+        tmp_path,
+        data={"synthetic_train_size": 1500},
+        train={"epochs": 2, "batch_size": 8},
+        checkpoint={"every_steps": 10},
+    )
+    reference = submit(slurm_cluster, tmp_path, "slurm/train.sbatch", str(config), f"output_dir={tmp_path / 'ref'}")
+    assert slurm_cluster.wait_until(reference, {"COMPLETED", "FAILED"})["JobState"] == "COMPLETED"
+
+    job = submit(slurm_cluster, tmp_path, "slurm/train.sbatch", str(config))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and '"event": "checkpoint"' in metrics.read_text()):
+        assert time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.2)
+    slurm_cluster.run("scancel", "--signal=USR1", job)
+    # Requeued jobs wait ~2 minutes before they may start again; let it start now.
+    info = slurm_cluster.wait_until(job, {"PENDING"}, timeout=120)
+    assert info["Restarts"] == "1", info
+    slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    info = slurm_cluster.wait_until(job, {"COMPLETED", "FAILED", "CANCELLED"})
+    log = log_of(tmp_path, "harness-train", job)
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert "run status preempted" in log and "requeueing job" in log and "restart 1" in log
+    preempted = [r for r in read_metrics(tmp_path / "run") if r["event"] == "preempted"]
+    assert preempted and preempted[0]["signal"] == "SIGUSR1"
+    results = read_results(tmp_path / "run")
+    assert results["resumed_from_step"] == preempted[0]["step"]
+    assert results["test"] == read_results(tmp_path / "ref")["test"]  # the same run, bit for bit
+    assert results["optimizer_steps"] == read_results(tmp_path / "ref")["optimizer_steps"]
+
+
+def test_sweep_array_runs_each_line_and_summarizes(slurm_cluster, tmp_path):
+    config = tiny_config(tmp_path, data={"synthetic_train_size": 200})
+    sweep = tmp_path / "sweep.txt"
+    sweep.write_text("# learning rates\ntrain.lr=1e-3\n\ntrain.lr=3e-3 train.batch_size=4\n")
+    sweep_dir = tmp_path / "sweep"
+    job = slurm_cluster.sbatch(
+        *SBATCH_CPU, f"--output={tmp_path}/%x-%A_%a.out", "--array=0-1", "slurm/sweep.sbatch", str(config), str(sweep),
+        env={**CPU_JOB, "SWEEP_DIR": str(sweep_dir)}, cwd=ROOT,
+    )  # fmt: skip
+    for task in ("0", "1"):
+        info = slurm_cluster.wait_until(f"{job}_{task}", {"COMPLETED", "FAILED", "CANCELLED"})
+        assert info["JobState"] == "COMPLETED", (tmp_path / f"harness-sweep-{job}_{task}.out").read_text()[-3000:]
+    assert read_results(sweep_dir / "task-1")["optimizer_steps"] == 2 * read_results(sweep_dir / "task-0")["optimizer_steps"]
+    summary = subprocess.run(
+        [sys.executable, "-m", "launch.sweep", "summarize", str(sweep_dir)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert summary.returncode == 0, summary.stderr
+    lines = summary.stdout.splitlines()
+    assert lines[0].split()[:3] == ["task", "overrides", "status"]
+    assert lines[1].startswith("task-0") and "train.lr=1e-3" in lines[1] and "completed" in lines[1]
+    assert lines[2].startswith("task-1") and "train.lr=3e-3 train.batch_size=4" in lines[2]
