@@ -141,6 +141,8 @@ class RuntimeConfig:
     """Seconds a rank waits in a collective (e.g. for a dead or hung peer) before failing."""
     max_nonfinite_steps: int = 5
     """Stop after this many consecutive steps with a non-finite loss (each is skipped, not applied)."""
+    cpu_threads: int = 0
+    """Torch threads per process on CPU; 0: the cores available divided by the processes on this node."""
 
 
 @dataclass
@@ -402,6 +404,8 @@ def validate(cfg: ExperimentConfig) -> list[str]:
         p.append("checkpoint.resume: must be auto, none or a checkpoint folder")
     if cfg.runtime.collective_timeout_s <= 0:
         p.append(f"runtime.collective_timeout_s: must be > 0, got {cfg.runtime.collective_timeout_s}")
+    if cfg.runtime.cpu_threads < 0:
+        p.append(f"runtime.cpu_threads: must be >= 0 (0 is automatic), got {cfg.runtime.cpu_threads}")
     if cfg.runtime.max_nonfinite_steps < 1:
         p.append(f"runtime.max_nonfinite_steps: must be >= 1, got {cfg.runtime.max_nonfinite_steps}")
     if cfg.logging.every_steps < 1:

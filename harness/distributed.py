@@ -122,8 +122,21 @@ def build_deepspeed_plugin(cfg: ExperimentConfig, world_size: int):
     return DeepSpeedPlugin(hf_ds_config=filled, zero3_init_flag=False)
 
 
+def set_cpu_threads(requested: int) -> int:
+    """Threads for CPU math. `accelerate launch` exports OMP_NUM_THREADS=1 even for a single process, and
+    torchrun does for every process, which leaves cores idle; 0 means: the cores this process may use divided
+    by the processes on this node."""
+    if requested == 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        requested = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(requested)
+    return requested
+
+
 def build_accelerator(cfg: ExperimentConfig) -> Accelerator:
     on_cpu = not torch.cuda.is_available()
+    if on_cpu:
+        set_cpu_threads(cfg.runtime.cpu_threads)
     if cfg.train.precision == "fp16" and on_cpu:
         raise ConfigError(["train.precision: fp16 needs a CUDA GPU (loss scaling); use bf16 or fp32 on CPU"])
     # A collective waiting on a dead or hung rank fails after this, instead of hanging forever.
@@ -158,6 +171,7 @@ class RunPlace:
     """Where a run executes, for logs and results.json."""
 
     world_size: int
+    threads: int
     distributed_type: str
     device: str
     backend: str | None
@@ -168,11 +182,21 @@ class RunPlace:
         state = accelerator.state
         return cls(
             world_size=accelerator.num_processes,
+            threads=torch.get_num_threads(),
             distributed_type=str(state.distributed_type).split(".")[-1],
             device=str(accelerator.device),
             backend=getattr(state, "backend", None),
             precision=precision,
         )
+
+
+def torch_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside Accelerate's and DeepSpeed's wrappers: the one whose param_groups are
+    stepped (ZeRO rebuilds those groups around its flat partitions, so schedulers must attach here, after
+    `prepare`)."""
+    while not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 def zero_stage(accelerator: Accelerator) -> int:

@@ -32,7 +32,15 @@ from harness.data import prepare_text_splits
 from harness.data.collate import PadCollator
 from harness.data.sampler import StepLayout, plan_epoch, rank_micro_batches, step_example_count, steps_per_epoch
 from harness.data.tokenize import tokenize_split
-from harness.distributed import RunPlace, StopRequest, agree, build_accelerator, memory_report, zero_stage
+from harness.distributed import (
+    RunPlace,
+    StopRequest,
+    agree,
+    build_accelerator,
+    memory_report,
+    torch_optimizer,
+    zero_stage,
+)
 from harness.evaluation import evaluate_split, is_improvement, load_metric
 from harness.faults import injected_nan_steps
 from harness.model import load_tokenizer_and_model, max_positions, parameter_groups
@@ -185,9 +193,9 @@ def run(cfg: ExperimentConfig) -> dict:
         )
 
     optimizer = build_optimizer(parameter_groups(model, cfg.train.weight_decay), cfg.train, accelerator.device)
-    scheduler = build_scheduler(optimizer, cfg.train, max(total_steps, 1))
-    accelerator.register_for_checkpointing(scheduler)
     model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = build_scheduler(torch_optimizer(optimizer), cfg.train, max(total_steps, 1))
+    accelerator.register_for_checkpointing(scheduler)
     collator = PadCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if accelerator.device.type == "cuda" else None)
     metric = load_metric(accelerator)
     num_labels = len(cfg.data.labels)
@@ -213,13 +221,15 @@ def run(cfg: ExperimentConfig) -> dict:
         accelerator.load_state(str(checkpoint_dir / "state"))  # model, optimizer, scheduler, scaler, RNG
         if (checkpoint_dir / BEST_IN_CHECKPOINT).is_file():
             best_state = load_file(str(checkpoint_dir / BEST_IN_CHECKPOINT))
-        log.truncate_after(state.step)  # rows the interrupted run logged after its checkpoint are redone
         if accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)  # resuming from checkpoint.resume=<folder> into a new run
             (out / "config.yaml").write_text(cfg.to_yaml())
             (out / "exit_status.json").unlink(missing_ok=True)  # this run writes its own
+        log.truncate_after(state.step)  # rows the interrupted run logged after its checkpoint are redone
     place = RunPlace.of(accelerator, cfg.train.precision)
     log.info(
-        f"world size {world} ({place.distributed_type}, {place.backend or 'no backend'}) on {place.device}, "
+        f"world size {world} ({place.distributed_type}, {place.backend or 'no backend'}) on {place.device} "
+        f"({place.threads} threads per process), "
         f"precision {cfg.train.precision}; train/validation/test = "
         f"{len(train_split)}/{len(val_split)}/{len(test_split)}; {per_epoch} steps per epoch of "
         f"{layout.examples_per_step} examples; {total_steps} steps"

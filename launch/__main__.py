@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import re
+import signal
 import socket
 import sys
 from dataclasses import replace

@@ -1,7 +1,7 @@
 """Sweep helpers for slurm/sweep.sbatch.
 
-    python -m launch.sweep line <sweep file> <index>     # the overrides of one task, one per line
-    python -m launch.sweep summarize <sweep folder>      # a table of every task: overrides, status, test metrics
+python -m launch.sweep line <sweep file> <index>     # the overrides of one task, one per line
+python -m launch.sweep summarize <sweep folder>      # a table of every task: overrides, status, test metrics
 """
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
         self._started_munged = True
         self._wait(lambda: subprocess.run(["munge", "-n"], capture_output=True).returncode == 0, "munged")
 
-    def start(self) -> "LocalSlurm":
+    def start(self) -> LocalSlurm:
         self.write_conf()
         self._start_munged()
         subprocess.run(["/usr/sbin/slurmctld", "-f", str(self.conf)], check=True, env=self.env)
@@ -142,7 +142,9 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 
     def logs(self) -> str:
         return "\n".join(
-            (self.root / name).read_text()[-3000:] for name in ("slurmctld.log", "slurmd.log") if (self.root / name).exists()
+            (self.root / name).read_text()[-3000:]
+            for name in ("slurmctld.log", "slurmd.log")
+            if (self.root / name).exists()
         )
 
     @staticmethod

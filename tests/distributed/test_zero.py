@@ -94,3 +94,18 @@ def test_deepspeed_json_disagreeing_with_experiment_names_both(config, tmp_path)
     assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
     assert f"{ds_json}: gradient_accumulation_steps is 4 but the experiment's train.grad_accum is 2" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_from_a_zero2_checkpoint_continues_the_same_run(config, tmp_path):
+    launch = ["--use_deepspeed", "--zero_stage", "2", "--num_processes", "2"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run_accelerate(config, *COMMON, "checkpoint.every_steps=5", f"output_dir={full}", launch_args=launch)
+    checkpoint = full / "checkpoints" / "step-0000005"
+    assert (checkpoint / "state" / "pytorch_model").is_dir()  # DeepSpeed's sharded engine state
+    run_accelerate(config, *COMMON, f"checkpoint.resume={checkpoint}", f"output_dir={resumed}", launch_args=launch)
+    assert read_results(resumed)["resumed_from_step"] == 5
+    after = {r["step"]: r["loss"] for r in train_rows(resumed) if r["step"] > 5}
+    assert after == {r["step"]: r["loss"] for r in train_rows(full) if r["step"] > 5}
+    assert list(after) == list(range(6, STEPS + 1))
+    a, b = load_file(str(full / "final" / "model.safetensors")), load_file(str(resumed / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

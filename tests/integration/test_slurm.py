@@ -81,7 +81,10 @@ def test_sweep_array_runs_each_line_and_summarizes(slurm_cluster, tmp_path):
     for task in ("0", "1"):
         info = slurm_cluster.wait_until(f"{job}_{task}", {"COMPLETED", "FAILED", "CANCELLED"})
         assert info["JobState"] == "COMPLETED", (tmp_path / f"harness-sweep-{job}_{task}.out").read_text()[-3000:]
-    assert read_results(sweep_dir / "task-1")["optimizer_steps"] == 2 * read_results(sweep_dir / "task-0")["optimizer_steps"]
+    assert (
+        read_results(sweep_dir / "task-1")["optimizer_steps"]
+        == 2 * read_results(sweep_dir / "task-0")["optimizer_steps"]
+    )
     summary = subprocess.run(
         [sys.executable, "-m", "launch.sweep", "summarize", str(sweep_dir)], cwd=ROOT, capture_output=True, text=True
     )
