@@ -46,11 +46,6 @@ def write_exit_status(cfg: ExperimentConfig, status: str, code: int) -> None:
 
 
 def main_entry(run: Callable[[ExperimentConfig], dict], argv: list[str] | None, prog: str) -> int:
-    from harness.checkpoint import CheckpointSaveError
-    from harness.data.sources import DataError
-    from harness.loop import EXIT_REQUEUE, NonFiniteLoss, Preempted
-    from harness.model import ModelError
-
     args = parse_args(argv, prog)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -60,6 +55,12 @@ def main_entry(run: Callable[[ExperimentConfig], dict], argv: list[str] | None, 
     except ConfigError as exc:  # nothing was written yet, not even the status
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
+    # Imported only now: a config error is reported in a fraction of a second, before torch loads.
+    from harness.checkpoint import CheckpointSaveError
+    from harness.data.sources import DataError
+    from harness.loop import EXIT_REQUEUE, NonFiniteLoss, Preempted
+    from harness.model import ModelError
+
     try:
         run(cfg)
     except (ConfigError, DataError, ModelError) as exc:

@@ -15,7 +15,13 @@ if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from harness.cli import main_entry  # noqa: E402
-from harness.loop import run  # noqa: E402
+from harness.config import ExperimentConfig  # noqa: E402
+
+
+def run(cfg: ExperimentConfig) -> dict:
+    from harness.loop import run as fine_tune  # torch, transformers: imported once the config is valid
+
+    return fine_tune(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
