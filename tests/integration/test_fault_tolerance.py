@@ -186,3 +186,18 @@ def test_a_failed_save_keeps_the_previous_checkpoint(config, tmp_path):
     assert proc.returncode == 4, stderr[-2000:]
     assert f"saving checkpoint {out / 'checkpoints' / 'step-0000008'} failed" in stderr
     verify_checkpoint(out / "checkpoints" / "step-0000004")
+
+
+def test_resume_with_another_world_size_continues_from_the_same_sample_position(config, tmp_path):
+    two, one = tmp_path / "two", tmp_path / "one"
+    run_harness(config, f"output_dir={two}", "train.max_steps=5", "checkpoint.every_steps=5", "train.epochs=1", nproc=2)
+    checkpoint = two / "checkpoints" / "step-0000005"
+    proc = run_harness(config, f"output_dir={one}", f"checkpoint.resume={checkpoint}", "train.epochs=1")
+    # 200 training examples; the 2-rank run consumed some (its steps hold 16, or fewer for the shuffled-in tail
+    # step); one process continues with exactly the others, in steps of 8.
+    consumed = read_results(two)["train_examples_seen"]
+    assert 5 * 16 - 8 <= consumed <= 5 * 16
+    assert f"(was 8/2/1): continuing epoch 0 after its first {consumed} examples" in proc.stdout
+    results = read_results(one)
+    assert results["world_size"] == 1 and results["optimizer_steps"] == 5 + -(-(200 - consumed) // 8)
+    assert results["train_examples_seen"] == 200 and results["epochs_completed"] == 1.0
