@@ -320,7 +320,7 @@ def run(cfg: ExperimentConfig) -> dict:
                 every_minutes_due(last_checkpoint_time, cfg.checkpoint.every_minutes),
             ])  # fmt: skip
             if nonfinite:
-                handle_nonfinite(state, optimizer, accelerator, cfg, log)
+                handle_nonfinite(state, accelerator, cfg, log)
             else:
                 # Accelerate's accumulation counter is at a step boundary: gradients are synchronised.
                 if cfg.train.max_grad_norm > 0:
@@ -427,7 +427,7 @@ def every_minutes_due(since: float, minutes: float) -> bool:
     return minutes > 0 and time.monotonic() - since >= minutes * 60
 
 
-def handle_nonfinite(state: TrainState, optimizer, accelerator, cfg: ExperimentConfig, log: RunLog) -> None:
+def handle_nonfinite(state: TrainState, accelerator, cfg: ExperimentConfig, log: RunLog) -> None:
     """Skip a step whose loss is not finite (its gradients are dropped); stop after too many in a row."""
     if zero_stage(accelerator):
         # DeepSpeed applies the update inside backward, before the loss can be checked.
