@@ -1,6 +1,9 @@
 """A real one-node SLURM cluster on this machine, for tests: munged (as the munge user), slurmctld and slurmd
 (as root) with a slurm.conf in a temporary folder, on free ports, localhost, the machine's CPUs.
 
+cred_expire is 10 s instead of 120: a requeued job may start again only once its old credential has
+expired, so this is how long a preempted test job waits before it resumes.
+
 Needs Debian's slurm-wlm and munge packages (.ci/run installs them) and root; `LocalSlurm.unavailable()` says
 why not, for a skip message.
 """
@@ -50,6 +53,7 @@ SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 AuthType=auth/munge
+AuthInfo=cred_expire=10
 CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root
