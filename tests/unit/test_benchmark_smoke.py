@@ -1,0 +1,91 @@
+"""The side-by-side benchmark's smoke mode: every side runs, the table and its JSON hold finite numbers.
+
+No timing assertions: benchmark figures are recorded in benchmarks/RESULTS.md, never asserted by tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+BENCH = ROOT / "benchmarks" / "vs_trainer.py"
+SIDES = ("harness", "trainer-best", "trainer-default")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def table_rows(stdout: str) -> dict[str, list[str]]:
+    """The report's Markdown table rows, keyed by side."""
+    rows = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) == 10 and cells[1] in SIDES:
+            rows[cells[1]] = cells
+    return rows
+
+
+def number(cell: str) -> float:
+    return float(cell.replace(",", "").rstrip("%x"))
+
+
+@pytest.mark.slow
+def test_smoke_mode_runs_all_three_sides_on_identical_work(tmp_path):
+    out = tmp_path / "report.md"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--smoke", "--out", str(out)],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=170,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+    rows = table_rows(proc.stdout)
+    assert sorted(rows) == sorted(SIDES), proc.stdout[-3000:]
+    for side, cells in rows.items():
+        values = [number(c) for c in cells[2:]]  # train s ... harness ratio
+        assert all(math.isfinite(v) for v in values), (side, cells)
+        train_s, samples_s, tokens_s, padding, mfu, memory, accuracy, ratio = values
+        assert train_s > 0 and samples_s > 0 and tokens_s > samples_s and memory > 0, (side, cells)
+        assert 0 <= padding < 100 and 0 < mfu and 0 <= accuracy <= 1 and ratio > 0, (side, cells)
+    assert number(rows["harness"][9]) == pytest.approx(1.0)
+    assert out.read_text().strip() in proc.stdout
+
+    data = json.loads(out.with_name(out.name + ".json").read_text())
+    (workload,) = data["workloads"]
+    runs = {row["side"]: row["runs"][0] for row in data["rows"]}
+    # Identical work: every side trained the same number of examples and steps, and the Trainer sides saw the
+    # token ids the harness's pipeline produced (the benchmark itself fails otherwise).
+    assert {r["train_examples"] for r in runs.values()} == {workload["train_examples"]}
+    assert len({r["optimizer_steps"] for r in runs.values()}) == 1
+    assert {runs[s]["data_sha256"] for s in SIDES[1:]} == {workload["data_sha256"]}
+    assert {r["test_samples"] for r in runs.values()} == {workload["test_examples"]}
+    # Every side counts the same real tokens; padded to max_length, the default Trainer pads the most.
+    assert {round(r["real_tokens"]) for r in runs.values()} == {workload["real_train_tokens"]}
+    assert runs["trainer-default"]["padded_tokens"] >= runs["trainer-best"]["padded_tokens"]
+    assert runs["trainer-default"]["extra"]["mixed_precision"] == "bf16"
+
+
+def test_cuda_mode_fails_clearly_without_a_gpu():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the CUDA mode would run for real")
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--device", "cuda"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "--device cuda needs a CUDA GPU" in proc.stderr and "--device cpu" in proc.stderr
+
+
+def test_cuda_workloads_are_bert_base_throughput_and_minilm_time_to_accuracy():
+    from benchmarks.vs_trainer import build_workloads, parse_args
+
+    bert, minilm = build_workloads(parse_args(["--device", "cuda"]))
+    assert bert.random_bert and bert.config.name == "imdb_bert_base.yaml"
+    assert {"data.max_length=512", "train.precision=bf16", "data.max_train_samples=null"} <= set(bert.overrides)
+    assert not minilm.random_bert and minilm.config.name == "imdb_minilm_cpu.yaml"
+    assert {"data.max_train_samples=null", "data.max_eval_samples=null"} <= set(minilm.overrides)
