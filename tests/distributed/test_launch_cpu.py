@@ -34,3 +34,21 @@ def test_launch_cpu_2_trains_with_world_size_2(tmp_path):
     results = read_results(out)
     assert results["world_size"] == 2
     assert results["optimizer_steps"] == 6
+
+
+def test_launch_zero2_2_trains_under_deepspeed_with_world_size_2(tmp_path):
+    pytest.importorskip("deepspeed", reason="needs the deepspeed package")
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "launch", "zero2", "2", "--port", str(free_port()), "--",
+        "--config", "configs/quickstart.yaml", f"output_dir={out}", "train.max_steps=6",
+        f"data.cache_dir={tmp_path / 'cache'}", "logging.progress=plain",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    printed = next(line for line in proc.stderr.splitlines() if "--config_file" in line)
+    assert "configs/accelerate/zero2.yaml" in printed and "--num_processes 2" in printed
+    assert "world size 2 (DEEPSPEED, gloo)" in proc.stdout
+    results = read_results(out)
+    assert results["world_size"] == 2 and results["optimizer_steps"] == 6
