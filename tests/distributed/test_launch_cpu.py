@@ -12,17 +12,23 @@ from tests.conftest import ROOT, free_port, read_results
 pytestmark = pytest.mark.slow
 
 
-def test_launch_cpu_2_trains_with_world_size_2(tmp_path):
-    out = tmp_path / "run"
-    port = free_port()
+def launch_quickstart(intent: str, tmp_path, port: int) -> subprocess.CompletedProcess:
+    """`python -m launch <intent> 2 -- <6 quickstart steps>`, run for real from the repo root."""
     cmd = [
-        sys.executable, "-m", "launch", "cpu", "2", "--port", str(port), "--",
-        "--config", "configs/quickstart.yaml", f"output_dir={out}", "train.max_steps=6",
+        sys.executable, "-m", "launch", intent, "2", "--port", str(port), "--",
+        "--config", "configs/quickstart.yaml", f"output_dir={tmp_path / 'run'}", "train.max_steps=6",
         f"data.cache_dir={tmp_path / 'cache'}", "logging.progress=plain",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def test_launch_cpu_2_trains_with_world_size_2(tmp_path):
+    out = tmp_path / "run"
+    port = free_port()
+    proc = launch_quickstart("cpu", tmp_path, port)
     # The launcher printed the torchrun command it ran (one line, stderr) before the training output.
     printed = next(line for line in proc.stderr.splitlines() if "--nproc_per_node" in line)
     argv = shlex.split(printed)
@@ -39,14 +45,7 @@ def test_launch_cpu_2_trains_with_world_size_2(tmp_path):
 def test_launch_zero2_2_trains_under_deepspeed_with_world_size_2(tmp_path):
     pytest.importorskip("deepspeed", reason="needs the deepspeed package")
     out = tmp_path / "run"
-    cmd = [
-        sys.executable, "-m", "launch", "zero2", "2", "--port", str(free_port()), "--",
-        "--config", "configs/quickstart.yaml", f"output_dir={out}", "train.max_steps=6",
-        f"data.cache_dir={tmp_path / 'cache'}", "logging.progress=plain",
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    proc = launch_quickstart("zero2", tmp_path, free_port())
     printed = next(line for line in proc.stderr.splitlines() if "--config_file" in line)
     assert "configs/accelerate/zero2.yaml" in printed and "--num_processes 2" in printed
     assert "world size 2 (DEEPSPEED, gloo)" in proc.stdout
