@@ -53,10 +53,14 @@ def export_model(
     if accelerator.is_main_process:
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(
+        module = accelerator.unwrap_model(model)
+        # Tied copies (an MLM decoder sharing the word embeddings) are left out; loading ties them again.
+        tied = getattr(module, "_tied_weights_keys", None)
+        tied = set(tied) if isinstance(tied, dict) and getattr(module.config, "tie_word_embeddings", True) else set()
+        module.save_pretrained(
             tmp,
-            state_dict=dict(state),
-            safe_serialization=True,  # a copy: save_pretrained consumes the dict
+            state_dict={k: v for k, v in state.items() if k not in tied},  # a copy: save_pretrained consumes it
+            safe_serialization=True,
         )
         tokenizer.save_pretrained(tmp)
         old = path.with_name(path.name + ".old")

@@ -45,10 +45,15 @@ def write_exit_status(cfg: ExperimentConfig, status: str, code: int) -> None:
     os.replace(path + ".tmp", path)
 
 
-def main_entry(run: Callable[[ExperimentConfig], dict], argv: list[str] | None, prog: str) -> int:
+def main_entry(
+    run: Callable[[ExperimentConfig], dict],
+    argv: list[str] | None,
+    prog: str,
+    config_class: type[ExperimentConfig] = ExperimentConfig,
+) -> int:
     args = parse_args(argv, prog)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, cls=config_class)
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return 0

@@ -187,6 +187,24 @@ class ExperimentConfig:
         return hashlib.sha256(self.to_yaml().encode()).hexdigest()[:16]
 
 
+@dataclass
+class MLMConfig:
+    mask_probability: float = 0.15
+    """Share of tokens selected for prediction (of those, 80% become [MASK], 10% random, 10% unchanged)."""
+    whole_word_masking: bool = True
+    """Select whole words: every WordPiece of a chosen word is masked together."""
+    include_unlabelled: bool = True
+    """Add the unlabelled split (unsup.* files, aclImdb train/unsup, the hub's `unsupervised`) to the corpus."""
+
+
+@dataclass
+class PretrainConfig(ExperimentConfig):
+    """`harness/pretrain.py`: masked-language-model pre-training on train (+ unlabelled) texts, never test."""
+
+    mlm: MLMConfig = field(default_factory=MLMConfig)
+    """Masked-language-model pre-training (harness/pretrain.py only)."""
+
+
 # ----------------------------------------------------------------------------------------------------
 # Loading and coercion
 # ----------------------------------------------------------------------------------------------------
@@ -282,8 +300,9 @@ def _resolved_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def all_keys(cls: type = ExperimentConfig, prefix: str = "") -> list[str]:
+def all_keys(cls: type | None = None, prefix: str = "") -> list[str]:
     """Every dotted key of the config, e.g. `train.lr`."""
+    cls = cls or PretrainConfig  # every key any entry point accepts
     keys = []
     hints = _resolved_types(cls)
     for name in _fields(cls):
@@ -417,12 +436,21 @@ def validate(cfg: ExperimentConfig) -> list[str]:
             p.append(f"model.{key}: must be in [0, 1), got {value}")
     if m.freeze_layers < 0:
         p.append(f"model.freeze_layers: must be >= 0, got {m.freeze_layers}")
+    if isinstance(cfg, PretrainConfig):
+        if not 0 < cfg.mlm.mask_probability < 1:
+            p.append(f"mlm.mask_probability: must be in (0, 1), got {cfg.mlm.mask_probability}")
+        if e.metric not in ("loss", "accuracy"):
+            p.append(f"eval.metric: pre-training selects by masked-token 'loss' or 'accuracy', got {e.metric!r}")
+        if m.freeze_encoder:
+            p.append("model.freeze_encoder: pre-training trains the encoder; it cannot be frozen")
     return p
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, cls: type[ExperimentConfig] = ExperimentConfig
+) -> ExperimentConfig:
     """Build the config from defaults, then the YAML file, then the dotted overrides; validate it all."""
-    cfg = ExperimentConfig()
+    cfg = cls()
     problems: list[str] = []
     source = "config"
     if path is not None:
@@ -445,9 +473,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-def config_from_dict(values: dict[str, Any]) -> ExperimentConfig:
+def config_from_dict(values: dict[str, Any], cls: type[ExperimentConfig] = ExperimentConfig) -> ExperimentConfig:
     """Build and validate a config from a nested dict (e.g. a saved config.yaml)."""
-    cfg = ExperimentConfig()
+    cfg = cls()
     problems: list[str] = []
     _merge(cfg, values, "", problems)
     problems = problems or validate(cfg)

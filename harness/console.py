@@ -119,7 +119,7 @@ class RunLog:
     def metrics_table(self, title: str, rows: dict[str, dict[str, float]]) -> None:
         if not self.is_main:
             return
-        names = ["loss", "accuracy", "precision", "recall", "f1_macro", "f1_micro"]
+        names = ["loss", "accuracy", "precision", "recall", "f1_macro", "f1_micro", "perplexity"]
         if self.console is None:
             for split, values in rows.items():
                 self.info(f"{title} [{split}] " + "  ".join(f"{n} {values[n]:.4f}" for n in names if n in values))

@@ -7,6 +7,7 @@ numbers equal a single process's on the same set: nothing is duplicated or dropp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import evaluate
@@ -17,7 +18,6 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
-from harness.data.collate import PadCollator
 from harness.data.sampler import plan_eval
 from harness.data.tokenize import TokenizedSplit
 
@@ -38,17 +38,17 @@ def is_improvement(value: float, best: float | None, metric: str) -> bool:
 
 
 @torch.no_grad()
-def evaluate_split(
+def gather_example_records(
     model: torch.nn.Module,
-    split: TokenizedSplit,
-    collator: PadCollator,
+    split,
+    collator: Callable,
     accelerator: Accelerator,
-    metric: evaluate.EvaluationModule,
     batch_size: int,
-    num_labels: int,
+    score_batch: Callable[[torch.nn.Module, dict], dict[str, torch.Tensor]],
     num_workers: int = 0,
-) -> dict[str, float]:
-    """Loss, accuracy, precision, recall, macro and micro F1 of `model` on `split`, identical on every rank."""
+) -> dict[str, np.ndarray]:
+    """Run `score_batch` (per-example values, each of shape [batch]) over the split, sharded over ranks;
+    returns every example's values in example order, on every rank."""
     plan = plan_eval(split.lengths, batch_size, accelerator.num_processes, accelerator.process_index)
     loader = DataLoader(
         split,
@@ -60,32 +60,55 @@ def evaluate_split(
     )
     was_training = model.training
     model.eval()
-    indices, predictions, losses = [], [], []
+    records: dict[str, list[torch.Tensor]] = {}
     for batch, is_padding in zip(loader, plan.is_padding, strict=True):
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        values = score_batch(model, batch)
         if is_padding:
             continue  # a repeated batch that only keeps this rank in step with the others
-        indices.append(batch["index"])
-        predictions.append(logits.argmax(dim=-1))
-        losses.append(F.cross_entropy(logits, batch["labels"], reduction="none"))
+        for name, tensor in {"index": batch["index"], **values}.items():
+            records.setdefault(name, []).append(tensor)
     model.train(was_training)
 
     # Host sync: one transfer per evaluation, then an all-gather of plain arrays.
-    local = [
-        (
-            torch.cat(indices).cpu().numpy() if indices else np.zeros(0, np.int64),
-            torch.cat(predictions).cpu().numpy() if predictions else np.zeros(0, np.int64),
-            torch.cat(losses).double().cpu().numpy() if losses else np.zeros(0, np.float64),
-        )
-    ]
-    gathered = gather_object(local) if accelerator.num_processes > 1 else local
-    all_index = np.concatenate([g[0] for g in gathered])
+    local = [{name: torch.cat(parts).cpu().numpy() for name, parts in records.items()}]
+    gathered = [g for g in gather_object(local) if g] if accelerator.num_processes > 1 else local
+    all_index = np.concatenate([g["index"] for g in gathered])
     order = np.argsort(all_index, kind="stable")
-    all_index = all_index[order]
-    if not np.array_equal(all_index, np.arange(len(split))):
+    if not np.array_equal(all_index[order], np.arange(len(split))):
         raise RuntimeError(f"evaluation gathered {len(all_index)} records for {len(split)} examples")
-    all_pred = np.concatenate([g[1] for g in gathered])[order]
-    all_loss = np.concatenate([g[2] for g in gathered])[order]
-    scores = metric.compute(predictions=all_pred, references=split.labels, num_labels=num_labels)
-    return {"loss": float(all_loss.mean()), **scores, "samples": len(split)}
+    return {name: np.concatenate([g[name] for g in gathered])[order] for name in gathered[0] if name != "index"}
+
+
+def classification_scores(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    logits = model(**model_inputs(batch)).logits.float()
+    return {
+        "prediction": logits.argmax(dim=-1),
+        "loss": F.cross_entropy(logits, batch["labels"], reduction="none").double(),
+    }
+
+
+def model_inputs(batch: dict) -> dict[str, torch.Tensor]:
+    """What the model's forward takes: everything in the batch but the targets and bookkeeping."""
+    return {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
+
+
+NOT_MODEL_INPUTS = ("labels", "index")
+
+
+def evaluate_split(
+    model: torch.nn.Module,
+    split: TokenizedSplit,
+    collator: Callable,
+    accelerator: Accelerator,
+    metric: evaluate.EvaluationModule,
+    batch_size: int,
+    num_labels: int,
+    num_workers: int = 0,
+) -> dict[str, float]:
+    """Loss, accuracy, precision, recall, macro and micro F1 of `model` on `split`, identical on every rank."""
+    records = gather_example_records(
+        model, split, collator, accelerator, batch_size, classification_scores, num_workers
+    )
+    scores = metric.compute(predictions=records["prediction"], references=split.labels, num_labels=num_labels)
+    return {"loss": float(records["loss"].mean()), **scores, "samples": len(split)}

@@ -1,17 +1,20 @@
-"""The fine-tuning run, top to bottom: set up (or resume), train (accumulate, forward, backward, clip, step,
-log, validate, keep the best, checkpoint), then evaluate the best model on test and write results.json."""
+"""The training run, top to bottom: set up (or resume), train (accumulate, forward, backward, clip, step,
+log, validate, keep the best, checkpoint), then evaluate the best model on test and write results.json.
+
+The same loop fine-tunes classifiers and pre-trains encoders: a `Task` supplies what differs between them."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate.utils import gather_object
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
@@ -26,12 +29,10 @@ from harness.checkpoint import (
     state_dict_copy,
     verify_checkpoint,
 )
+from harness.classification import ClassificationTask, TaskSetup
 from harness.config import ConfigError, ExperimentConfig
 from harness.console import RunLog, quiet_library_progress_bars
-from harness.data import prepare_text_splits
-from harness.data.collate import PadCollator
 from harness.data.sampler import StepLayout, plan_epoch, rank_micro_batches, step_example_count, steps_per_epoch
-from harness.data.tokenize import tokenize_split
 from harness.distributed import (
     RunPlace,
     StopRequest,
@@ -41,9 +42,9 @@ from harness.distributed import (
     torch_optimizer,
     zero_stage,
 )
-from harness.evaluation import evaluate_split, is_improvement, load_metric
+from harness.evaluation import is_improvement
 from harness.faults import injected_nan_steps
-from harness.model import load_tokenizer_and_model, max_positions, parameter_groups
+from harness.model import max_positions, parameter_groups
 from harness.optim import build_optimizer, build_scheduler
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "results.json", "best", "final", "checkpoints", "exit_status.json")
@@ -57,6 +58,32 @@ class Preempted(Exception):
 
 class NonFiniteLoss(RuntimeError):
     """Too many consecutive non-finite losses; the last good checkpoint is left intact."""
+
+
+class Task(Protocol):
+    """What differs between kinds of training (fine-tuning: `harness.classification.ClassificationTask`,
+    pre-training: `harness.mlm.MaskedLMTask`)."""
+
+    name: str
+
+    def setup(self, accelerator) -> TaskSetup:
+        """Tokenizer, model and tokenized splits (train, validation, and optionally test)."""
+
+    def train_collator(self, epoch: int) -> Callable:
+        """Turns a micro-batch of split items into model inputs plus `labels` and `index`."""
+
+    def step_weight(self, global_step: list[list[int]], epoch: int) -> int:
+        """What a step's summed loss is divided by (examples, or predicted tokens), over all its micro-batches
+        on all ranks, computed identically on every rank without communication."""
+
+    def loss_sum(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        """The micro-batch's summed (not averaged) loss."""
+
+    def evaluate(self, model: torch.nn.Module, split) -> dict:
+        """Scores of the split, identical on every rank; `loss` and the selection metric among them."""
+
+    def summary(self, scores: dict) -> str:
+        """The scores in one log line."""
 
 
 def every_n_steps(step: int, n: int) -> bool:
@@ -98,7 +125,8 @@ class TrainState:
     tokens_seen: int = 0
     window_loss_per_rank: list[float] = field(default_factory=list)
     """Each rank's summed loss since the last train log line."""
-    window_examples: int = 0
+    window_weight: int = 0
+    """What the window's summed loss is divided by: the steps' weights (examples, or predicted tokens)."""
     nonfinite_streak: int = 0
     skipped_steps: int = 0
     last_eval_step: int = -1
@@ -151,7 +179,8 @@ def report_memory(accelerator, model, optimizer, log: RunLog) -> None:
     log.record("memory", per_rank=per_rank)
 
 
-def run(cfg: ExperimentConfig) -> dict:
+def run(cfg: ExperimentConfig, task: Task | None = None) -> dict:
+    task = task or ClassificationTask(cfg)
     t_start = time.monotonic()
     quiet_library_progress_bars()
     stop = StopRequest(EXIT_REQUEUE).install()
@@ -164,14 +193,13 @@ def run(cfg: ExperimentConfig) -> dict:
         log.warn(message)
 
     # ---- data and model: every rank validates its inputs, so bad input fails everywhere before any work ----
-    tokenizer, model = load_tokenizer_and_model(cfg.model, cfg.data.labels, cfg.seed)
+    setup = task.setup(accelerator)
+    tokenizer, model = setup.tokenizer, setup.model
     limit = max_positions(model, tokenizer)
     if cfg.data.max_length > limit:
         raise ConfigError([f"data.max_length: {cfg.data.max_length} exceeds the model's limit of {limit} tokens"])
-    texts = prepare_text_splits(cfg)
-    with accelerator.main_process_first():  # rank 0 fills the tokenization cache; the others then read it
-        splits = {name: tokenize_split(split, tokenizer, cfg.data) for name, split in texts.items()}
-    train_split, val_split, test_split = splits["train"], splits["validation"], splits["test"]
+    train_split, val_split = setup.splits["train"], setup.splits["validation"]
+    test_split = setup.splits.get("test")  # pre-training has none
 
     layout = StepLayout(cfg.train.batch_size, world, cfg.train.grad_accum)
     per_epoch = steps_per_epoch(len(train_split), layout)
@@ -196,14 +224,6 @@ def run(cfg: ExperimentConfig) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = build_scheduler(torch_optimizer(optimizer), cfg.train, max(total_steps, 1))
     accelerator.register_for_checkpointing(scheduler)
-    collator = PadCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if accelerator.device.type == "cuda" else None)
-    metric = load_metric(accelerator)
-    num_labels = len(cfg.data.labels)
-
-    def validate(split) -> dict:
-        return evaluate_split(
-            model, split, collator, accelerator, metric, cfg.eval.batch_size, num_labels, cfg.data.num_workers
-        )
 
     # ---- run files: written only now, after every input has been checked ----
     best = BestSoFar(**state.best) if state.best else BestSoFar(cfg.eval.metric)
@@ -230,8 +250,8 @@ def run(cfg: ExperimentConfig) -> dict:
     log.info(
         f"world size {world} ({place.distributed_type}, {place.backend or 'no backend'}) on {place.device} "
         f"({place.threads} threads per process), "
-        f"precision {cfg.train.precision}; train/validation/test = "
-        f"{len(train_split)}/{len(val_split)}/{len(test_split)}; {per_epoch} steps per epoch of "
+        f"precision {cfg.train.precision}; {task.name}; train/validation/test = "
+        f"{len(train_split)}/{len(val_split)}/{len(test_split) if test_split else '-'}; {per_epoch} steps per epoch of "
         f"{layout.examples_per_step} examples; {total_steps} steps"
     )
     log.record(
@@ -245,14 +265,11 @@ def run(cfg: ExperimentConfig) -> dict:
     def validate_and_keep_best(epoch: float) -> bool:
         """Validate; export the model to best/ when it improves. Returns True when early stopping says stop."""
         nonlocal best_state
-        scores = validate(val_split)
+        scores = task.evaluate(model, val_split)
         improved = best.update(state.step, scores)
         state.last_eval_step = state.step
         log.record("eval", split="validation", step=state.step, epoch=round(epoch, 4), **scores)
-        log.info(
-            f"validation @ step {state.step}: loss {scores['loss']:.4f} accuracy {scores['accuracy']:.4f} "
-            f"f1_macro {scores['f1_macro']:.4f}" + ("  (best)" if improved else "")
-        )
+        log.info(f"validation @ step {state.step}: {task.summary(scores)}" + ("  (best)" if improved else ""))
         if improved:
             best_state = state_dict_copy(accelerator, model)
             export_model(accelerator, model, tokenizer, best_state, out / "best")
@@ -290,24 +307,24 @@ def run(cfg: ExperimentConfig) -> dict:
         loader = DataLoader(
             train_split,
             batch_sampler=my_batches,
-            collate_fn=collator,
+            collate_fn=task.train_collator(state.epoch),
             num_workers=cfg.data.num_workers,
             pin_memory=accelerator.device.type == "cuda",
             generator=torch.Generator(),  # never draw from the global RNG: dropout masks stay resumable
         )
         batches = iter(loader)
         for global_step in todo:
-            # The loss of a step is normalised over every example in it: all micro-batches on all ranks.
-            # Accelerate divides each backward by grad_accum and DDP averages gradients over ranks, so scale
-            # the summed loss by world x grad_accum / (examples in the step) to get exactly sum / examples.
+            # The loss of a step is normalised over all of it: every micro-batch on every rank. Accelerate
+            # divides each backward by grad_accum and DDP averages gradients over ranks, so scale the summed
+            # loss by world x grad_accum / (the step's weight) to get exactly sum / weight.
             step_examples = step_example_count(global_step)
-            loss_scale = world * cfg.train.grad_accum / step_examples
+            step_weight = task.step_weight(global_step, state.epoch)
+            loss_scale = world * cfg.train.grad_accum / max(1, step_weight)
             step_loss = torch.zeros((), device=accelerator.device)
             for _ in range(cfg.train.grad_accum):
                 batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
                 with accelerator.accumulate(model):  # no gradient sync until the step's last micro-batch
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    loss_sum = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+                    loss_sum = task.loss_sum(model, batch)
                     if state.step + 1 in nan_steps:
                         loss_sum = loss_sum * float("nan")  # fault injection for tests (HARNESS_INJECT_NAN_STEPS)
                     accelerator.backward(loss_sum * loss_scale)
@@ -337,13 +354,13 @@ def run(cfg: ExperimentConfig) -> dict:
                 report_memory(accelerator, model, optimizer, log)
             state.examples_seen += step_examples
             state.tokens_seen += int(train_split.lengths[np.concatenate(global_step)].sum())
-            state.window_examples += step_examples
+            state.window_weight += step_weight
             epoch_progress = state.epoch + state.position / len(plan)
 
             log_values = None
             if every_n_steps(state.step, cfg.logging.every_steps) or state.step == total_steps:
                 # Host sync: the window's summed loss from every rank.
-                loss = accelerator.reduce(window_loss, reduction="sum").item() / max(1, state.window_examples)
+                loss = accelerator.reduce(window_loss, reduction="sum").item() / max(1, state.window_weight)
                 elapsed = time.monotonic() - t_train
                 log_values = {
                     "loss": loss,
@@ -358,7 +375,7 @@ def run(cfg: ExperimentConfig) -> dict:
                     tokens_per_s=log_values["tokens/s"], skipped_steps=state.skipped_steps,
                 )  # fmt: skip
                 window_loss.zero_()
-                state.window_examples = 0
+                state.window_weight = 0
             log.advance(state.step, total_steps, log_values)
 
             end_of_epoch = state.position == len(plan)
@@ -394,13 +411,16 @@ def run(cfg: ExperimentConfig) -> dict:
     if best.step != state.step:
         load_weights(accelerator, model, best_state)
         log.info(f"loaded the best model (step {best.step}, validation {best.metric} {best.value:.4f}) for test")
-    test_scores = validate(test_split)
-    log.record("eval", split="test", step=best.step, **test_scores)
-    log.metrics_table("best model", {"validation": best.validation, "test": test_scores})
+    final_scores = {"validation": best.validation}
+    if test_split is not None:
+        final_scores["test"] = task.evaluate(model, test_split)
+        log.record("eval", split="test", step=best.step, **final_scores["test"])
+    log.metrics_table("best model", final_scores)
 
     trained = state.examples_seen - examples_at_start
     results = {
-        "test": test_scores,
+        "task": task.name,
+        **({"test": final_scores["test"]} if test_split is not None else {}),
         "best": {"step": best.step, "metric": best.metric, "value": best.value, "validation": best.validation},
         "world_size": world,
         "optimizer_steps": state.step,

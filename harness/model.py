@@ -36,8 +36,9 @@ def tiny_bert_vocab() -> dict[str, int]:
     return {token: i for i, token in enumerate(dict.fromkeys(tokens))}
 
 
-def _build_tiny_bert(labels: list[str], seed: int, cfg: ModelConfig):
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+def tiny_bert_config(labels: list[str], cfg: ModelConfig):
+    """The tokenizer and config of `builtin:tiny-bert`."""
+    from transformers import BertConfig, BertTokenizer
 
     vocab = tiny_bert_vocab()
     tokenizer = BertTokenizer(vocab=vocab, model_max_length=512)
@@ -53,6 +54,13 @@ def _build_tiny_bert(labels: list[str], seed: int, cfg: ModelConfig):
     if cfg.dropout is not None:
         config.hidden_dropout_prob = config.attention_probs_dropout_prob = cfg.dropout
     config._attn_implementation = cfg.attn_implementation
+    return tokenizer, config
+
+
+def _build_tiny_bert(labels: list[str], seed: int, cfg: ModelConfig):
+    from transformers import BertForSequenceClassification
+
+    tokenizer, config = tiny_bert_config(labels, cfg)
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # same random weights on every rank and every run
         model = BertForSequenceClassification(config)
@@ -89,11 +97,7 @@ def load_tokenizer_and_model(cfg: ModelConfig, labels: list[str], seed: int):
             if not hasattr(config, "classifier_dropout"):
                 raise ModelError(f"model.classifier_dropout: {type(config).__name__} has no classifier_dropout")
             extra["classifier_dropout"] = cfg.classifier_dropout
-        if cfg.dropout is not None:
-            keys = next((k for k in ENCODER_DROPOUT_KEYS if all(hasattr(config, a) for a in k)), None)
-            if keys is None:
-                raise ModelError(f"model.dropout: no known dropout settings in {type(config).__name__}")
-            extra.update({key: cfg.dropout for key in keys})
+        extra.update(dropout_overrides(config, cfg))
         with torch.random.fork_rng():
             torch.manual_seed(seed)  # the new head's initialisation is part of the run's seed
             try:
@@ -111,6 +115,16 @@ def load_tokenizer_and_model(cfg: ModelConfig, labels: list[str], seed: int):
                 raise ModelError(f"model.name_or_path {path}: cannot load a model from it: {exc}") from exc
     apply_freezing(model, cfg)
     return tokenizer, model
+
+
+def dropout_overrides(config, cfg: ModelConfig) -> dict[str, float]:
+    """from_pretrained keyword arguments that set the encoder's dropout (model.dropout), if given."""
+    if cfg.dropout is None:
+        return {}
+    keys = next((k for k in ENCODER_DROPOUT_KEYS if all(hasattr(config, a) for a in k)), None)
+    if keys is None:
+        raise ModelError(f"model.dropout: no known dropout settings in {type(config).__name__}")
+    return {key: cfg.dropout for key in keys}
 
 
 def max_positions(model, tokenizer) -> int:

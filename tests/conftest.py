@@ -13,6 +13,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "harness" / "train.py"
+PRETRAIN = ROOT / "harness" / "pretrain.py"
 IMDB_DIR = (ROOT.parent / "shared" / "data" / "imdb").resolve()
 
 
@@ -69,12 +70,17 @@ def run_harness(
 
 
 def run_accelerate(
-    config: Path, *overrides: str, launch_args: list[str], timeout: int = 300, check: bool = True
+    config: Path,
+    *overrides: str,
+    launch_args: list[str],
+    entry: Path = TRAIN,
+    timeout: int = 300,
+    check: bool = True,
 ) -> subprocess.CompletedProcess:
-    """Run harness/train.py under `accelerate launch <launch_args>` from the repo root."""
+    """Run an entry point (harness/train.py by default) under `accelerate launch <launch_args>` from the repo root."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "--main_process_port", str(free_port()),
-           str(TRAIN), "--config", str(config), *overrides]  # fmt: skip
+           str(entry), "--config", str(config), *overrides]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from harness.config import ExperimentConfig
-from harness.data.sources import DataError, LabelledTexts, load_raw_splits
+from harness.config import ExperimentConfig, PretrainConfig
+from harness.data.sources import UNLABELLED, DataError, LabelledTexts, load_raw_splits, load_unlabelled_split
 from harness.data.splits import cap, split_validation
 
-__all__ = ["DataError", "prepare_text_splits"]
+__all__ = ["DataError", "prepare_pretraining_splits", "prepare_text_splits"]
 
 
 def prepare_text_splits(cfg: ExperimentConfig) -> dict[str, LabelledTexts]:
@@ -17,4 +17,20 @@ def prepare_text_splits(cfg: ExperimentConfig) -> dict[str, LabelledTexts]:
         "train": cap(train, cfg.data.max_train_samples, cfg.seed),
         "validation": cap(validation, cfg.data.max_eval_samples, cfg.seed),
         "test": cap(raw["test"], cfg.data.max_eval_samples, cfg.seed),
+    }
+
+
+def prepare_pretraining_splits(cfg: PretrainConfig) -> dict[str, LabelledTexts]:
+    """The pre-training corpus: train texts (labels dropped) plus, with mlm.include_unlabelled, the source's
+    unlabelled split; `data.validation_size` texts held out for validation. Test texts are never used."""
+    train = load_raw_splits(cfg.data, cfg.seed, splits=("train",))["train"]
+    corpus = LabelledTexts(list(train.texts), [UNLABELLED] * len(train), train.origin)
+    unlabelled = load_unlabelled_split(cfg.data) if cfg.mlm.include_unlabelled else None
+    if unlabelled is not None:
+        corpus = LabelledTexts(corpus.texts + unlabelled.texts, corpus.labels + unlabelled.labels,
+                               f"{train.origin} + {unlabelled.origin}")  # fmt: skip
+    train, validation = split_validation(corpus, cfg.data.validation_size, cfg.seed)
+    return {
+        "train": cap(train, cfg.data.max_train_samples, cfg.seed),
+        "validation": cap(validation, cfg.data.max_eval_samples, cfg.seed),
     }

@@ -8,6 +8,23 @@ import numpy as np
 import torch
 
 
+def pad_rows(rows: list[np.ndarray], pad_value: int, multiple: int | None = None) -> torch.Tensor:
+    """Stack 1-d integer rows into [batch, longest], filling with `pad_value`; the length is rounded up to
+    `multiple` when given."""
+    longest = max(len(row) for row in rows)
+    if multiple:
+        longest = -(-longest // multiple) * multiple
+    out = torch.full((len(rows), longest), pad_value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.from_numpy(np.asarray(row, dtype=np.int64))
+    return out
+
+
+def attention_mask_for(rows: list[np.ndarray], width: int) -> torch.Tensor:
+    """[batch, width]: 1 for the real tokens of each row, 0 for padding."""
+    return (torch.arange(width)[None, :] < torch.tensor([len(row) for row in rows])[:, None]).long()
+
+
 @dataclass
 class PadCollator:
     pad_token_id: int
@@ -15,17 +32,11 @@ class PadCollator:
     """Round the padded length up (8 suits GPU tensor cores; None pads to the exact longest)."""
 
     def __call__(self, examples: list[tuple[int, np.ndarray, int]]) -> dict[str, torch.Tensor]:
-        longest = max(len(ids) for _, ids, _ in examples)
-        if self.pad_to_multiple_of:
-            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids = torch.full((len(examples), longest), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
-        for row, (_, ids, _) in enumerate(examples):
-            input_ids[row, : len(ids)] = torch.from_numpy(np.asarray(ids, dtype=np.int64))
-            attention_mask[row, : len(ids)] = 1
+        rows = [ids for _, ids, _ in examples]
+        input_ids = pad_rows(rows, self.pad_token_id, self.pad_to_multiple_of)
         return {
             "input_ids": input_ids,  # [batch, longest]
-            "attention_mask": attention_mask,  # [batch, longest], 1 for real tokens
+            "attention_mask": attention_mask_for(rows, input_ids.shape[1]),  # [batch, longest], 1 for real tokens
             "labels": torch.tensor([label for _, _, label in examples], dtype=torch.long),
             "index": torch.tensor([index for index, _, _ in examples], dtype=torch.long),
         }

@@ -17,6 +17,8 @@ from harness.config import DataConfig
 
 FILE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".json")
 SPLITS = ("train", "test")
+UNLABELLED = -1
+"""The label of a text with none (pre-training corpora)."""
 
 
 class DataError(ValueError):
@@ -81,7 +83,8 @@ def _check_rows(texts: Sequence[Any], raw_labels: Sequence[Any], labels: list[st
     return LabelledTexts(list(texts), ids, origin)
 
 
-def _read_table(path: Path) -> tuple[list[Any], list[Any]]:
+def _read_table(path: Path, columns: tuple[str, ...] = ("text", "label")) -> list[list[Any]]:
+    """The named columns of a Parquet, CSV or JSON (lines) file."""
     import pandas as pd  # pandas (with pyarrow) reads all three formats and reports their parse errors well
 
     try:
@@ -93,14 +96,16 @@ def _read_table(path: Path) -> tuple[list[Any], list[Any]]:
             frame = pd.read_json(path, lines=path.suffix == ".jsonl")
     except Exception as exc:  # the formats raise many unrelated types; all mean "cannot read this file"
         raise DataError(f"{path}: cannot read it as {path.suffix[1:]}: {exc}") from exc
-    missing = [c for c in ("text", "label") if c not in frame.columns]
+    missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; found {list(frame.columns)}")
-    return frame["text"].tolist(), frame["label"].tolist()
+    return [frame[c].tolist() for c in columns]
 
 
-def _find_split_file(folder: Path, split: str) -> Path:
+def _find_split_file(folder: Path, split: str, required: bool = True) -> Path | None:
     found = [folder / f"{split}{s}" for s in FILE_SUFFIXES if (folder / f"{split}{s}").is_file()]
+    if not found and not required:
+        return None
     if not found:
         raise DataError(f"{folder}: no {split} file (expected one of {', '.join(split + s for s in FILE_SUFFIXES)})")
     if len(found) > 1:
@@ -116,18 +121,25 @@ def _aclimdb_root(folder: Path) -> Path | None:
     return None
 
 
+def _read_text_files(folder: Path) -> list[str]:
+    texts = []
+    for file in sorted(folder.glob("*.txt")):
+        try:
+            texts.append(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"{file}: unreadable: {exc}") from exc
+    return texts
+
+
 def _read_aclimdb_split(root: Path, split: str, labels: list[str]) -> LabelledTexts:
     texts, raw_labels = [], []
     for polarity in ("neg", "pos"):
         folder = root / split / polarity
         if not folder.is_dir():
             raise DataError(f"{folder}: missing (the aclImdb layout has {split}/neg and {split}/pos)")
-        for file in sorted(folder.glob("*.txt")):
-            try:
-                texts.append(file.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError) as exc:
-                raise DataError(f"{file}: unreadable: {exc}") from exc
-            raw_labels.append(polarity)
+        polarity_texts = _read_text_files(folder)
+        texts += polarity_texts
+        raw_labels += [polarity] * len(polarity_texts)
     origin = str(root / split)
     missing = {"neg", "pos"} - set(labels)
     if missing:
@@ -135,19 +147,51 @@ def _read_aclimdb_split(root: Path, split: str, labels: list[str]) -> LabelledTe
     return _check_rows(texts, raw_labels, labels, origin)
 
 
-def load_path_splits(path: str, labels: list[str]) -> dict[str, LabelledTexts]:
+def load_path_splits(path: str, labels: list[str], splits: tuple[str, ...] = SPLITS) -> dict[str, LabelledTexts]:
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise DataError(f"data.path {folder}: no such folder")
     root = _aclimdb_root(folder)
     if root is not None:
-        return {split: _read_aclimdb_split(root, split, labels) for split in SPLITS}
-    splits = {}
-    for split in SPLITS:
+        return {split: _read_aclimdb_split(root, split, labels) for split in splits}
+    loaded = {}
+    for split in splits:
         file = _find_split_file(folder, split)
         texts, raw_labels = _read_table(file)
-        splits[split] = _check_rows(texts, raw_labels, labels, str(file))
-    return splits
+        loaded[split] = _check_rows(texts, raw_labels, labels, str(file))
+    return loaded
+
+
+def _unlabelled(texts: Sequence[Any], origin: str) -> LabelledTexts:
+    """Texts without labels (label UNLABELLED), each checked to be a non-empty string."""
+    if len(texts) == 0:
+        raise DataError(f"{origin}: the split is empty")
+    for row, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{origin}, row {row}: text must be a non-empty string, got {text!r:.60}")
+    return LabelledTexts(list(texts), [UNLABELLED] * len(texts), origin)
+
+
+def load_unlabelled_split(cfg: DataConfig) -> LabelledTexts | None:
+    """The unlabelled reviews, if the source has them: unsup.* beside train.*, aclImdb's train/unsup/, or the
+    hub's `unsupervised` split. None when a local folder has none."""
+    if cfg.source == "synthetic":
+        return None
+    if cfg.source == "imdb":
+        import datasets
+
+        hub = datasets.load_dataset("stanfordnlp/imdb", split="unsupervised")
+        return _unlabelled(hub["text"], "stanfordnlp/imdb[unsupervised]")
+    folder = Path(cfg.path or "").expanduser()
+    root = _aclimdb_root(folder)
+    if root is not None:
+        unsup = root / "train" / "unsup"
+        return _unlabelled(_read_text_files(unsup), str(unsup)) if unsup.is_dir() else None
+    file = _find_split_file(folder, "unsup", required=False)
+    if file is None:
+        return None
+    (texts,) = _read_table(file, columns=("text",))
+    return _unlabelled(texts, str(file))
 
 
 def load_imdb_hub(labels: list[str]) -> dict[str, LabelledTexts]:
@@ -172,10 +216,11 @@ def load_synthetic(cfg: DataConfig, seed: int) -> dict[str, LabelledTexts]:
     }
 
 
-def load_raw_splits(cfg: DataConfig, seed: int) -> dict[str, LabelledTexts]:
+def load_raw_splits(cfg: DataConfig, seed: int, splits: tuple[str, ...] = SPLITS) -> dict[str, LabelledTexts]:
+    """The labelled `splits` (train and test; pre-training asks for train only, so needs no test file)."""
     if cfg.source == "synthetic":
         return load_synthetic(cfg, seed)
     if cfg.source == "path":
         assert cfg.path is not None  # validated in config
-        return load_path_splits(cfg.path, cfg.labels)
+        return load_path_splits(cfg.path, cfg.labels, splits)
     return load_imdb_hub(cfg.labels)

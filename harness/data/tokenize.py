@@ -26,6 +26,11 @@ FEATURES = datasets.Features(
 )
 
 
+WORD_FEATURES = datasets.Features({**FEATURES, "word_ids": datasets.Sequence(datasets.Value("int32"))})
+NO_WORD = -1
+"""word_ids entry of a special token."""
+
+
 @dataclass
 class TokenizedSplit:
     """Token ids per example, with labels and lengths as arrays (what samplers and collators read)."""
@@ -33,6 +38,8 @@ class TokenizedSplit:
     input_ids: list[np.ndarray]
     labels: np.ndarray
     lengths: np.ndarray
+    word_ids: list[np.ndarray] | None = None
+    """Per token, the index of the word it belongs to (NO_WORD for special tokens); for whole-word masking."""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -72,8 +79,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
 
 
-def cache_key(split: LabelledTexts, tokenizer, cfg: DataConfig) -> str:
+def cache_key(split: LabelledTexts, tokenizer, cfg: DataConfig, with_word_ids: bool = False) -> str:
     parts = [
+        "words" if with_word_ids else "ids",
         CACHE_FORMAT_VERSION,
         split.content_hash(),
         tokenizer_fingerprint(tokenizer),
@@ -84,8 +92,10 @@ def cache_key(split: LabelledTexts, tokenizer, cfg: DataConfig) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
-def tokenize_split(split: LabelledTexts, tokenizer, cfg: DataConfig) -> TokenizedSplit:
-    """Tokenize (or load from the cache) one split; call on the main process first under distribution."""
+def tokenize_split(split: LabelledTexts, tokenizer, cfg: DataConfig, with_word_ids: bool = False) -> TokenizedSplit:
+    """Tokenize (or load from the cache) one split; call on the main process first under distribution.
+
+    with_word_ids also keeps each token's word index (from the fast tokenizer's pre-tokenization)."""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"{tokenizer.name_or_path}: a fast (Rust) tokenizer is required")
     prefix, suffix = special_affixes(tokenizer)
@@ -95,9 +105,20 @@ def tokenize_split(split: LabelledTexts, tokenizer, cfg: DataConfig) -> Tokenize
         # No truncation here: head_tail needs the full sequence; we cut below.
         encoded = tokenizer(batch["text"], add_special_tokens=False, truncation=False, verbose=False)
         ids = [prefix + truncate(row, budget, cfg.truncation, cfg.head_tokens) + suffix for row in encoded["input_ids"]]
-        return {"input_ids": ids, "label": batch["label"], "length": [len(row) for row in ids]}
+        columns = {"input_ids": ids, "label": batch["label"], "length": [len(row) for row in ids]}
+        if with_word_ids:
+            no_words = [NO_WORD] * len(prefix), [NO_WORD] * len(suffix)
+            columns["word_ids"] = [
+                no_words[0]
+                + truncate(
+                    [NO_WORD if w is None else w for w in encoded.word_ids(i)], budget, cfg.truncation, cfg.head_tokens
+                )
+                + no_words[1]
+                for i in range(len(ids))
+            ]
+        return columns
 
-    key = cache_key(split, tokenizer, cfg)
+    key = cache_key(split, tokenizer, cfg, with_word_ids)
     cache_dir = Path(cfg.cache_dir).expanduser() / "tokenized"
     cache_dir.mkdir(parents=True, exist_ok=True)
     raw = datasets.Dataset.from_dict({"text": split.texts, "label": split.labels})
@@ -106,7 +127,7 @@ def tokenize_split(split: LabelledTexts, tokenizer, cfg: DataConfig) -> Tokenize
         batched=True,
         batch_size=1000,
         remove_columns=["text"],
-        features=FEATURES,
+        features=WORD_FEATURES if with_word_ids else FEATURES,
         cache_file_name=str(cache_dir / f"{key}.arrow"),
         new_fingerprint=key,
         load_from_cache_file=True,
@@ -117,4 +138,5 @@ def tokenize_split(split: LabelledTexts, tokenizer, cfg: DataConfig) -> Tokenize
         input_ids=list(columns["input_ids"]),
         labels=np.asarray(columns["label"], dtype=np.int64),
         lengths=np.asarray(columns["length"], dtype=np.int64),
+        word_ids=list(columns["word_ids"]) if with_word_ids else None,
     )

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from tests.conftest import ROOT, read_metrics, read_results, tiny_config
+from tests.pretrain_corpus import write_cyclic_corpus
 
 pytestmark = pytest.mark.slow
 CPU_JOB = {"HARNESS_LAUNCH": "cpu", "NPROC_PER_NODE": "2"}  # 2 gloo processes on the node
@@ -34,6 +35,20 @@ def test_train_job_runs_to_completion(slurm_cluster, tmp_path):
     assert set(results["test"]) >= {"loss", "accuracy", "precision", "recall", "f1_macro", "f1_micro"}
     assert json.loads((tmp_path / "run" / "exit_status.json").read_text())["status"] == "completed"
     assert "torchrun --nproc_per_node 2" in log and "run status completed" in log
+
+
+def test_pretrain_job_runs_to_completion(slurm_cluster, tmp_path):
+    corpus = write_cyclic_corpus(tmp_path / "corpus", 200, 100)
+    config = tiny_config(tmp_path, data={"source": "path", "path": str(corpus), "validation_size": 40},
+                         train={"max_steps": 12, "batch_size": 8})  # fmt: skip
+    job = submit(slurm_cluster, tmp_path, "slurm/pretrain.sbatch", str(config), "train.lr=2e-3")
+    info = slurm_cluster.wait_until(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
+    log = log_of(tmp_path, "harness-pretrain", job)
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    results = read_results(tmp_path / "run")
+    assert results["task"] == "masked-lm" and results["world_size"] == 2 and results["optimizer_steps"] == 12
+    assert "harness/pretrain.py" in log and "run status completed" in log
+    assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
 
 
 def test_preempted_job_checkpoints_requeues_resumes_and_matches_an_uninterrupted_job(slurm_cluster, tmp_path):

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.config import ConfigError, ExperimentConfig, config_from_dict, load_config
+from harness.config import ConfigError, ExperimentConfig, PretrainConfig, config_from_dict, load_config
 from tests.conftest import ROOT, run_harness, tiny_config
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -11,8 +11,20 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_experiment_config_loads(path):
-    cfg = load_config(path)
-    assert isinstance(cfg, ExperimentConfig)
+    # configs/pretrain_*.yaml are harness/pretrain.py's (they have an `mlm` section); the rest harness/train.py's.
+    cls = PretrainConfig if path.name.startswith("pretrain_") else ExperimentConfig
+    cfg = load_config(path, cls=cls)
+    assert type(cfg) is cls
+
+
+def test_pretraining_keys_belong_to_pretraining_only(tmp_path):
+    with pytest.raises(ConfigError, match="mlm: unknown key"):
+        load_config(tiny_config(tmp_path), ["mlm.mask_probability=0.2"])
+    cfg = load_config(tiny_config(tmp_path), ["mlm.mask_probability=0.2"], cls=PretrainConfig)
+    assert cfg.mlm.mask_probability == 0.2 and cfg.mlm.whole_word_masking
+    with pytest.raises(ConfigError) as err:
+        load_config(tiny_config(tmp_path), ["mlm.mask_probability=1.5", "eval.metric=f1_macro"], cls=PretrainConfig)
+    assert "mlm.mask_probability: must be in (0, 1)" in str(err.value) and "eval.metric" in str(err.value)
 
 
 def test_contract_keys_and_override_types(tmp_path):

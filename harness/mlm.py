@@ -1,0 +1,253 @@
+"""Masked-language-model pre-training's task for the training loop (see `harness.classification`).
+
+Masking is a pure function of (seed, epoch, example index): every rank can count the masked tokens of a whole
+global step without communicating, so the step's loss is averaged over exactly its masked tokens whatever the
+world size and accumulation; a resumed run masks the same tokens; validation masks are fixed across epochs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import BertForMaskedLM, BertModel
+from transformers.models.bert.modeling_bert import BertOnlyMLMHead, BertPreTrainedModel
+
+from harness.classification import TaskSetup, pad_multiple
+from harness.config import MLMConfig, PretrainConfig
+from harness.data import prepare_pretraining_splits
+from harness.data.collate import attention_mask_for, pad_rows
+from harness.data.tokenize import NO_WORD, TokenizedSplit, tokenize_split
+from harness.evaluation import gather_example_records, model_inputs
+from harness.model import TINY_BERT, ModelError, apply_freezing, dropout_overrides, resolve_model_path, tiny_bert_config
+
+IGNORE = -100
+"""Label of a position that is not predicted (cross_entropy's default ignore_index)."""
+EVAL_EPOCH = 2**31 - 1
+"""Mask stream for validation: the same masks at every evaluation."""
+
+
+class BertForMaskedLMPretraining(BertForMaskedLM):
+    """BERT's masked-LM model with two changes for continued pre-training.
+
+    * The pooler is kept, frozen: BertForMaskedLM drops it, so a classifier fine-tuned from the export would
+      start from a random pooler instead of the checkpoint's.
+    * Given `labels`, logits are computed at the predicted positions only ([predicted, vocab] rather than
+      [batch, length, vocab]): for a small encoder the vocabulary projection costs as much as the encoder.
+    """
+
+    def __init__(self, config):
+        BertPreTrainedModel.__init__(self, config)  # BertForMaskedLM's own __init__ builds a pooler-less encoder
+        self.bert = BertModel(config, add_pooling_layer=True)
+        self.cls = BertOnlyMLMHead(config)
+        self.post_init()
+        self.bert.pooler.requires_grad_(False)  # not used by the MLM loss; carried to the export unchanged
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        if labels is None:
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden = self.bert(input_ids, attention_mask=attention_mask, return_dict=True, **kwargs).last_hidden_state
+        from transformers.modeling_outputs import MaskedLMOutput
+
+        return MaskedLMOutput(logits=self.cls(hidden[labels != IGNORE]))  # [predicted, vocab]
+
+
+def load_tokenizer_and_mlm_model(cfg, seed: int):
+    """Tokenizer and masked-LM model; BERT checkpoints get `BertForMaskedLMPretraining` (an existing MLM head
+    is loaded, a missing one is initialised), other families their AutoModelForMaskedLM class."""
+    from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
+
+    if cfg.name_or_path == TINY_BERT:
+        tokenizer, config = tiny_bert_config(["unused", "labels"], cfg)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = BertForMaskedLMPretraining(config)
+        apply_freezing(model, cfg)
+        return tokenizer, model
+    path = resolve_model_path(cfg.name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model.name_or_path {path}: cannot load a model from it: {exc}") from exc
+    if tokenizer.mask_token_id is None:
+        raise ModelError(f"model.name_or_path {path}: the tokenizer has no mask token; it cannot do masked-LM")
+    model_class = BertForMaskedLMPretraining if config.model_type == "bert" else AutoModelForMaskedLM
+    extra = dropout_overrides(config, cfg)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # a missing MLM head's initialisation is part of the run's seed
+        try:
+            model = model_class.from_pretrained(
+                path, attn_implementation=cfg.attn_implementation, dtype=torch.float32, **extra
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"model.name_or_path {path}: cannot load a masked-LM model from it: {exc}") from exc
+    apply_freezing(model, cfg)
+    return tokenizer, model
+
+
+class WholeWordMasker:
+    """BERT's masking, optionally by whole words: pick words until ~mask_probability of the tokens are
+    covered; of the picked tokens 80% become [MASK], 10% a random token, 10% stay (all still predicted)."""
+
+    def __init__(self, cfg: MLMConfig, seed: int, tokenizer, split: TokenizedSplit):
+        self.probability = cfg.mask_probability
+        self.whole_word = cfg.whole_word_masking
+        self.seed = seed
+        self.split = split
+        self.mask_id = tokenizer.mask_token_id
+        self.special_ids = np.asarray(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
+        self.random_ids = np.setdiff1d(np.arange(len(tokenizer)), self.special_ids)
+
+    def _rng(self, index: int, epoch: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, epoch, int(index)])
+
+    def _select(self, index: int, rng: np.random.Generator) -> np.ndarray:
+        """Positions to predict, sorted."""
+        ids = self.split.input_ids[index]
+        words = self.split.word_ids[index] if self.split.word_ids is not None else None
+        candidates = np.flatnonzero(
+            ~np.isin(ids, self.special_ids) & ((words != NO_WORD) if words is not None else True)
+        )
+        if len(candidates) == 0:
+            return candidates
+        if self.whole_word and words is not None:
+            # Consecutive candidate tokens with the same word index form one unit.
+            starts = np.flatnonzero(np.r_[True, np.diff(words[candidates]) != 0])
+            units = np.split(candidates, starts[1:])
+        else:
+            units = [np.asarray([p]) for p in candidates]
+        target = max(1, int(round(len(candidates) * self.probability)))
+        chosen, covered = [], 0
+        for u in rng.permutation(len(units)):
+            if covered + len(units[u]) > target:
+                continue  # a word that would overshoot is skipped, as in BERT's whole-word masking
+            chosen.append(units[u])
+            covered += len(units[u])
+            if covered == target:
+                break
+        if not chosen:  # every word is longer than the target (a very short text): take one anyway
+            chosen = [units[int(rng.integers(len(units)))]]
+        return np.sort(np.concatenate(chosen))
+
+    def count(self, index: int, epoch: int) -> int:
+        return len(self._select(index, self._rng(index, epoch)))
+
+    def mask(self, index: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(input ids with masking applied, labels: the original id at predicted positions, IGNORE elsewhere)."""
+        rng = self._rng(index, epoch)
+        positions = self._select(index, rng)
+        ids = np.array(self.split.input_ids[index], dtype=np.int64)
+        labels = np.full(len(ids), IGNORE, dtype=np.int64)
+        labels[positions] = ids[positions]
+        action = rng.random(len(positions))
+        ids[positions[action < 0.8]] = self.mask_id
+        randomised = positions[(action >= 0.8) & (action < 0.9)]
+        ids[randomised] = rng.choice(self.random_ids, size=len(randomised))
+        return ids, labels
+
+
+@dataclass
+class MaskedLMCollator:
+    """Masks each example (by index and epoch) and pads the batch to its longest example."""
+
+    masker: WholeWordMasker
+    epoch: int
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, examples: list[tuple[int, np.ndarray, int]]) -> dict[str, torch.Tensor]:
+        masked = [self.masker.mask(index, self.epoch) for index, _, _ in examples]
+        input_ids = pad_rows([ids for ids, _ in masked], self.pad_token_id, self.pad_to_multiple_of)
+        labels = pad_rows([labels for _, labels in masked], IGNORE, self.pad_to_multiple_of)
+        attention_mask = attention_mask_for([ids for ids, _ in masked], input_ids.shape[1])
+        return {
+            "input_ids": input_ids,  # [batch, longest], masked
+            "attention_mask": attention_mask,  # [batch, longest]
+            "labels": labels,  # [batch, longest]: original ids where predicted, IGNORE elsewhere
+            "index": torch.tensor([index for index, _, _ in examples], dtype=torch.long),
+        }
+
+
+def predicted_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Logits at the predicted positions, [predicted, vocab], in row-major order of `labels != IGNORE`."""
+    logits = model(**model_inputs(batch), labels=batch["labels"]).logits
+    if logits.dim() == 3:  # a model that scores every position (non-BERT families): select afterwards
+        logits = logits[batch["labels"] != IGNORE]
+    return logits.float()
+
+
+def masked_lm_scores(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    """Per example: summed loss, predicted tokens and correct predictions."""
+    labels = batch["labels"]
+    logits = predicted_logits(model, batch)
+    rows = (labels != IGNORE).nonzero()[:, 0]  # the example of each predicted token
+    targets = labels[labels != IGNORE]
+    per_token = F.cross_entropy(logits, targets, reduction="none").double()
+    zeros = torch.zeros(len(labels), dtype=torch.float64, device=labels.device)
+    return {
+        "loss_sum": zeros.index_add(0, rows, per_token),
+        "predicted": zeros.index_add(0, rows, torch.ones_like(per_token)),
+        "correct": zeros.index_add(0, rows, (logits.argmax(-1) == targets).double()),
+    }
+
+
+class MaskedLMTask:
+    """Masked-language modelling on train (+ unlabelled) texts; validation on held-out texts; no test split."""
+
+    name = "masked-lm"
+
+    def __init__(self, cfg: PretrainConfig):
+        self.cfg = cfg
+
+    def setup(self, accelerator) -> TaskSetup:
+        cfg = self.cfg
+        tokenizer, model = load_tokenizer_and_mlm_model(cfg.model, cfg.seed)
+        texts = prepare_pretraining_splits(cfg)
+        with accelerator.main_process_first():  # rank 0 fills the tokenization cache; the others then read it
+            splits = {
+                name: tokenize_split(split, tokenizer, cfg.data, with_word_ids=cfg.mlm.whole_word_masking)
+                for name, split in texts.items()
+            }
+        self.maskers = {name: WholeWordMasker(cfg.mlm, cfg.seed, tokenizer, split) for name, split in splits.items()}
+        self.pad = (tokenizer.pad_token_id, pad_multiple(accelerator))
+        self.accelerator = accelerator
+        return TaskSetup(tokenizer, model, splits)
+
+    def train_collator(self, epoch: int) -> MaskedLMCollator:
+        return MaskedLMCollator(self.maskers["train"], epoch, *self.pad)
+
+    def step_weight(self, global_step: list[list[int]], epoch: int) -> int:
+        """The loss of a step is averaged over its predicted tokens (all micro-batches on all ranks)."""
+        masker = self.maskers["train"]
+        return sum(masker.count(i, epoch) for micro_batch in global_step for i in micro_batch)
+
+    def loss_sum(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        labels = batch["labels"]
+        return F.cross_entropy(predicted_logits(model, batch), labels[labels != IGNORE], reduction="sum")
+
+    def evaluate(self, model: torch.nn.Module, split: TokenizedSplit) -> dict:
+        name = next(n for n, m in self.maskers.items() if m.split is split)
+        collator = MaskedLMCollator(self.maskers[name], EVAL_EPOCH, *self.pad)
+        records = gather_example_records(
+            model, split, collator, self.accelerator, self.cfg.eval.batch_size, masked_lm_scores,
+            self.cfg.data.num_workers,
+        )  # fmt: skip
+        predicted = records["predicted"].sum()
+        loss = float(records["loss_sum"].sum() / predicted)
+        return {
+            "loss": loss,
+            "accuracy": float(records["correct"].sum() / predicted),
+            "perplexity": float(np.exp(loss)),
+            "predicted_tokens": int(predicted),
+            "samples": len(split),
+        }
+
+    @staticmethod
+    def summary(scores: dict) -> str:
+        return (
+            f"loss {scores['loss']:.4f} masked-token accuracy {scores['accuracy']:.4f} "
+            f"perplexity {scores['perplexity']:.2f}"
+        )
