@@ -8,6 +8,7 @@ checkpoints, resume, logging, model selection) is the loop's and is shared with 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,12 +48,20 @@ class ClassificationTask:
         with accelerator.main_process_first():  # rank 0 fills the tokenization cache; the others then read it
             splits = {name: tokenize_split(split, tokenizer, cfg.data) for name, split in texts.items()}
         self.collator = PadCollator(tokenizer.pad_token_id, pad_to_multiple_of=pad_multiple(accelerator))
+        self.augment = None
+        if cfg.augment.ops:  # training texts are then tokenized on the fly, after augmentation
+            from harness.augment import Augmenter, AugmentingCollator
+
+            augmenter = Augmenter(cfg.augment, cfg.seed)
+            self.augment = lambda epoch: AugmentingCollator(
+                texts["train"].texts, augmenter, epoch, tokenizer, cfg.data, self.collator
+            )
         self.metric = load_metric(accelerator)
         self.accelerator = accelerator
         return TaskSetup(tokenizer, model, splits)
 
-    def train_collator(self, epoch: int) -> PadCollator:
-        return self.collator
+    def train_collator(self, epoch: int) -> Callable:
+        return self.augment(epoch) if self.augment else self.collator
 
     def step_weight(self, global_step: list[list[int]], epoch: int) -> int:
         """The loss of a step is averaged over its examples (all micro-batches on all ranks)."""

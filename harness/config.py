@@ -154,6 +154,16 @@ class LoggingConfig:
 
 
 @dataclass
+class AugmentConfig:
+    ops: list[str] = field(default_factory=list)
+    """Train-time text augmentations in order, as name:strength (word_dropout, swap, synonym, or registered)."""
+    synonyms_path: str | None = None
+    """For `synonym`: a text file, one comma-separated group of interchangeable words per line."""
+    modules: list[str] = field(default_factory=list)
+    """Python modules imported first: they register their own operations (harness.augment)."""
+
+
+@dataclass
 class ExperimentConfig:
     output_dir: str = "runs/default"
     """Folder for config.yaml, metrics.jsonl, results.json, best/ and final/."""
@@ -175,6 +185,8 @@ class ExperimentConfig:
     """Failure handling."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Console and metrics logging."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Train-time text augmentation (fine-tuning)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -443,6 +455,8 @@ def validate(cfg: ExperimentConfig) -> list[str]:
             p.append(f"eval.metric: pre-training selects by masked-token 'loss' or 'accuracy', got {e.metric!r}")
         if m.freeze_encoder:
             p.append("model.freeze_encoder: pre-training trains the encoder; it cannot be frozen")
+        if cfg.augment.ops:
+            p.append("augment.ops: augmentation applies to fine-tuning (harness/train.py), not to pre-training")
     return p
 
 
