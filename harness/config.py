@@ -151,6 +151,8 @@ class LoggingConfig:
     """Optimizer steps between training log lines / metrics.jsonl records."""
     progress: Literal["auto", "rich", "plain"] = "auto"
     """Console display: rich progress on a terminal, plain lines otherwise (auto picks by stdout)."""
+    trackers: list[str] = field(default_factory=list)
+    """Accelerate trackers to log to as well, e.g. [tensorboard] (files under <output_dir>/trackers/)."""
 
 
 @dataclass

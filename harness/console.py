@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,11 @@ class RunLog:
         self._progress: Progress | None = None
         self._task = None
         self._start = time.monotonic()
+        self._tracker: Callable[..., None] | None = None
+
+    def attach_tracker(self, log: Callable[..., None]) -> None:
+        """Also send train / eval records to `log(values, step=...)` (Accelerator.log: the configured trackers)."""
+        self._tracker = log
 
     # -- messages ----------------------------------------------------------------------------------------
     def info(self, message: str) -> None:
@@ -65,6 +71,13 @@ class RunLog:
         row = {"event": event, "time": round(time.time(), 3), **values}
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        if self._tracker is not None and event in ("train", "eval"):
+            scalars = {
+                f"{values['split']}/{name}": value
+                for name, value in values.items()
+                if name not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool)
+            }
+            self._tracker(scalars, step=values["step"])
 
     def truncate_after(self, step: int) -> None:
         """Drop rows an interrupted run logged after `step` (a resumed run logs them again), atomically."""

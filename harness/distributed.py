@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 
 from harness.config import ConfigError, ExperimentConfig
 
@@ -149,6 +149,11 @@ def build_accelerator(cfg: ExperimentConfig) -> Accelerator:
             process_group.backend = "gloo"
     # Otherwise Accelerate enters multi-process CPU mode (gloo) only when told cpu=True inside a torchrun-style
     # launch; without it, N launched CPU processes would each train alone as world size 1.
+    if cfg.logging.trackers:
+        kwargs["log_with"] = check_trackers(cfg.logging.trackers)
+        kwargs["project_config"] = ProjectConfiguration(
+            project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / TRACKER_DIR)
+        )
     accelerator = Accelerator(
         cpu=on_cpu and not deepspeed_requested(),
         mixed_precision=MIXED_PRECISION[cfg.train.precision],
@@ -164,6 +169,26 @@ def build_accelerator(cfg: ExperimentConfig) -> Accelerator:
         )
     set_seed(cfg.seed)
     return accelerator
+
+
+TRACKER_DIR = "trackers"
+
+
+def check_trackers(names: list[str]) -> list[str]:
+    """Accelerate drops a tracker whose package is missing with a debug message only: refuse instead."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    problems = []
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            problems.append(
+                f"logging.trackers: unknown tracker {name!r}; Accelerate has {sorted(LOGGER_TYPE_TO_CLASS)}"
+            )
+        elif name not in [str(t) for t in get_available_trackers()]:
+            problems.append(f"logging.trackers: {name!r} is not installed here (pip install {name})")
+    if problems:
+        raise ConfigError(problems)
+    return names
 
 
 @dataclass(frozen=True)

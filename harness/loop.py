@@ -34,6 +34,7 @@ from harness.config import ConfigError, ExperimentConfig
 from harness.console import RunLog, quiet_library_progress_bars
 from harness.data.sampler import StepLayout, plan_epoch, rank_micro_batches, step_example_count, steps_per_epoch
 from harness.distributed import (
+    TRACKER_DIR,
     RunPlace,
     StopRequest,
     agree,
@@ -47,7 +48,8 @@ from harness.faults import injected_nan_steps
 from harness.model import max_positions, parameter_groups
 from harness.optim import build_optimizer, build_scheduler
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "results.json", "best", "final", "checkpoints", "exit_status.json")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "results.json", "best", "final", "checkpoints", "exit_status.json",
+             TRACKER_DIR)  # fmt: skip
 BEST_IN_CHECKPOINT = "best_model.safetensors"
 EXIT_REQUEUE = 75  # sysexits' EX_TEMPFAIL: stopped by a signal after a checkpoint; run again to resume
 
@@ -246,6 +248,9 @@ def run(cfg: ExperimentConfig, task: Task | None = None) -> dict:
             (out / "config.yaml").write_text(cfg.to_yaml())
             (out / "exit_status.json").unlink(missing_ok=True)  # this run writes its own
         log.truncate_after(state.step)  # rows the interrupted run logged after its checkpoint are redone
+    if cfg.logging.trackers:  # TensorBoard & co. receive every train / eval record from here on
+        accelerator.init_trackers(out.name, config=flat_scalars(cfg.to_dict()))
+        log.attach_tracker(accelerator.log)
     place = RunPlace.of(accelerator, cfg.train.precision)
     log.info(
         f"world size {world} ({place.distributed_type}, {place.backend or 'no backend'}) on {place.device} "
@@ -441,6 +446,17 @@ def run(cfg: ExperimentConfig, task: Task | None = None) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
+
+
+def flat_scalars(tree: dict, prefix: str = "") -> dict[str, int | float | str | bool]:
+    """The config as flat `section.key` scalars (what trackers' hyper-parameter tables accept)."""
+    flat: dict[str, int | float | str | bool] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flat_scalars(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
 
 
 def every_minutes_due(since: float, minutes: float) -> bool:
