@@ -166,13 +166,13 @@ class AugmentingCollator:
     def __post_init__(self):
         self.prefix, self.suffix = special_affixes(self.tokenizer)
 
-    def __call__(self, examples: list[tuple[int, np.ndarray, int]]) -> dict[str, torch.Tensor]:
-        texts = [self.augmenter(self.texts[index], index, self.epoch) for index, _, _ in examples]
+    def __call__(self, examples: list[tuple]) -> dict[str, torch.Tensor]:
+        texts = [self.augmenter(self.texts[example[0]], example[0], self.epoch) for example in examples]
         encoded = self.tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
         budget = self.data.max_length - len(self.prefix) - len(self.suffix)
-        rows = [
-            (index, np.asarray(self.prefix + truncate(ids, budget, self.data.truncation, self.data.head_tokens)
-                               + self.suffix), label)
-            for (index, _, label), ids in zip(examples, encoded, strict=True)
+        rows = [  # the example with its new token ids; its other fields pass through
+            (example[0], np.asarray(self.prefix + truncate(ids, budget, self.data.truncation, self.data.head_tokens)
+                                    + self.suffix), *example[2:])
+            for example, ids in zip(examples, encoded, strict=True)
         ]  # fmt: skip
         return self.pad(rows)

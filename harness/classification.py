@@ -20,7 +20,7 @@ from harness.data.collate import PadCollator
 from harness.data.sampler import step_example_count
 from harness.data.tokenize import tokenize_split
 from harness.evaluation import evaluate_split, load_metric, model_inputs
-from harness.model import load_tokenizer_and_model
+from harness.model import load_tokenizer, load_tokenizer_and_model
 
 
 @dataclass
@@ -43,11 +43,18 @@ class ClassificationTask:
 
     def setup(self, accelerator) -> TaskSetup:
         cfg = self.cfg
-        tokenizer, model = load_tokenizer_and_model(cfg.model, cfg.data.labels, cfg.seed)
+        collators = {}
+        if cfg.model.modalities == ["text"]:
+            tokenizer, model = load_tokenizer_and_model(cfg.model, cfg.data.labels, cfg.seed)
+        else:  # several modalities: encoders from the registry and a fusion head (harness/multimodal.py)
+            from harness.multimodal import build_fusion_classifier, field_collators
+
+            tokenizer, model = load_tokenizer(cfg.model), build_fusion_classifier(cfg, cfg.seed)
+            collators = field_collators(cfg.model.modalities)
         texts = prepare_text_splits(cfg)
         with accelerator.main_process_first():  # rank 0 fills the tokenization cache; the others then read it
             splits = {name: tokenize_split(split, tokenizer, cfg.data) for name, split in texts.items()}
-        self.collator = PadCollator(tokenizer.pad_token_id, pad_to_multiple_of=pad_multiple(accelerator))
+        self.collator = PadCollator(tokenizer.pad_token_id, pad_multiple(accelerator), collators)
         self.augment = None
         if cfg.augment.ops:  # training texts are then tokenized on the fly, after augmentation
             from harness.augment import Augmenter, AugmentingCollator

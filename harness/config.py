@@ -43,6 +43,10 @@ class ModelConfig:
     """Freeze the whole encoder and train the head only."""
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     """Attention kernel; `sdpa` is PyTorch's scaled_dot_product_attention."""
+    modalities: list[str] = field(default_factory=lambda: ["text"])
+    """Encoders the classifier fuses, by registered name (text, tabular, ...); [text] is a plain classifier."""
+    fusion_hidden: int = 128
+    """Width of the fusion head and of non-text encoders' outputs (when modalities is not just [text])."""
 
 
 @dataclass
@@ -75,6 +79,8 @@ class DataConfig:
     """Length bucketing window, in optimizer steps: examples are sorted by length within windows this big."""
     num_workers: int = 0
     """DataLoader worker processes."""
+    feature_columns: list[str] = field(default_factory=list)
+    """Numeric columns read beside text and label (Parquet/CSV/JSONL), for the `tabular` modality."""
 
 
 @dataclass
@@ -450,6 +456,14 @@ def validate(cfg: ExperimentConfig) -> list[str]:
             p.append(f"model.{key}: must be in [0, 1), got {value}")
     if m.freeze_layers < 0:
         p.append(f"model.freeze_layers: must be >= 0, got {m.freeze_layers}")
+    if not m.modalities or len(set(m.modalities)) != len(m.modalities):
+        p.append(f"model.modalities: need one or more distinct encoder names, got {m.modalities}")
+    if d.feature_columns and m.modalities == ["text"]:
+        p.append("data.feature_columns: read for a non-text modality, but model.modalities is [text]")
+    if "tabular" in m.modalities and not d.feature_columns:
+        p.append("data.feature_columns: the tabular modality needs the numeric columns to read")
+    if m.fusion_hidden < 1:
+        p.append(f"model.fusion_hidden: must be >= 1, got {m.fusion_hidden}")
     if isinstance(cfg, PretrainConfig):
         if not 0 < cfg.mlm.mask_probability < 1:
             p.append(f"mlm.mask_probability: must be in (0, 1), got {cfg.mlm.mask_probability}")

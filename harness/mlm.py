@@ -158,8 +158,8 @@ class MaskedLMCollator:
     pad_token_id: int
     pad_to_multiple_of: int | None = None
 
-    def __call__(self, examples: list[tuple[int, np.ndarray, int]]) -> dict[str, torch.Tensor]:
-        masked = [self.masker.mask(index, self.epoch) for index, _, _ in examples]
+    def __call__(self, examples: list[tuple]) -> dict[str, torch.Tensor]:
+        masked = [self.masker.mask(example[0], self.epoch) for example in examples]
         input_ids = pad_rows([ids for ids, _ in masked], self.pad_token_id, self.pad_to_multiple_of)
         labels = pad_rows([labels for _, labels in masked], IGNORE, self.pad_to_multiple_of)
         attention_mask = attention_mask_for([ids for ids, _ in masked], input_ids.shape[1])
@@ -167,7 +167,7 @@ class MaskedLMCollator:
             "input_ids": input_ids,  # [batch, longest], masked
             "attention_mask": attention_mask,  # [batch, longest]
             "labels": labels,  # [batch, longest]: original ids where predicted, IGNORE elsewhere
-            "index": torch.tensor([index for index, _, _ in examples], dtype=torch.long),
+            "index": torch.tensor([example[0] for example in examples], dtype=torch.long),
         }
 
 

@@ -27,6 +27,10 @@ class ModelError(ValueError):
     """The model named in the config cannot be used; the message names it."""
 
 
+FUSION_FILE = "fusion.json"
+"""Marks a multimodal export (harness/multimodal.py)."""
+
+
 def tiny_bert_vocab() -> dict[str, int]:
     from harness.data.synthetic import VOCABULARY
 
@@ -87,6 +91,11 @@ def load_tokenizer_and_model(cfg: ModelConfig, labels: list[str], seed: int):
         path = resolve_model_path(cfg.name_or_path)
         if Path(path).exists() and not (Path(path) / "config.json").is_file():
             raise ModelError(f"model.name_or_path {path}: not a model folder (no config.json)")
+        if (Path(path) / FUSION_FILE).is_file():
+            raise ModelError(
+                f"model.name_or_path {path}: a multimodal export ({FUSION_FILE}); "
+                "set model.modalities (and data.feature_columns) as in the run that made it"
+            )
         try:
             config = AutoConfig.from_pretrained(path)
             tokenizer = AutoTokenizer.from_pretrained(path)
@@ -125,6 +134,19 @@ def dropout_overrides(config, cfg: ModelConfig) -> dict[str, float]:
     if keys is None:
         raise ModelError(f"model.dropout: no known dropout settings in {type(config).__name__}")
     return {key: cfg.dropout for key in keys}
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The tokenizer of `model.name_or_path` alone (when the model is built otherwise, e.g. multimodal)."""
+    if cfg.name_or_path == TINY_BERT:
+        return tiny_bert_config(["unused", "labels"], cfg)[0]
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(cfg.name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model.name_or_path {path}: cannot load a tokenizer from it: {exc}") from exc
 
 
 def max_positions(model, tokenizer) -> int:

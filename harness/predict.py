@@ -67,7 +67,14 @@ def load_classifier(model_dir: str | Path, device: str | None = None):
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from harness.model import FUSION_FILE
+
     path = check_model_dir(model_dir)
+    if (Path(path) / FUSION_FILE).is_file():
+        raise PredictError(
+            f"--model {path}: a multimodal model (its {FUSION_FILE}) needs inputs besides text; "
+            "harness.predict classifies text-only models"
+        )
     transformers.utils.logging.disable_progress_bar()  # the weight-loading bar would interleave with our output
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -30,13 +31,31 @@ class PadCollator:
     pad_token_id: int
     pad_to_multiple_of: int | None = None
     """Round the padded length up (8 suits GPU tensor cores; None pads to the exact longest)."""
+    field_collators: dict[str, Callable[[list], torch.Tensor]] = field(default_factory=dict)
+    """How other modalities' fields become batch tensors, by field name (default: stack_rows)."""
 
-    def __call__(self, examples: list[tuple[int, np.ndarray, int]]) -> dict[str, torch.Tensor]:
-        rows = [ids for _, ids, _ in examples]
+    def __call__(self, examples: list[tuple]) -> dict[str, torch.Tensor]:
+        """Examples are (index, ids, label) or (index, ids, label, {field: row}) (see TokenizedSplit)."""
+        rows = [example[1] for example in examples]
         input_ids = pad_rows(rows, self.pad_token_id, self.pad_to_multiple_of)
         return {
             "input_ids": input_ids,  # [batch, longest]
             "attention_mask": attention_mask_for(rows, input_ids.shape[1]),  # [batch, longest], 1 for real tokens
-            "labels": torch.tensor([label for _, _, label in examples], dtype=torch.long),
-            "index": torch.tensor([index for index, _, _ in examples], dtype=torch.long),
+            "labels": torch.tensor([example[2] for example in examples], dtype=torch.long),
+            "index": torch.tensor([example[0] for example in examples], dtype=torch.long),
+            **self.collate_fields(examples),
         }
+
+    def collate_fields(self, examples: list[tuple]) -> dict[str, torch.Tensor]:
+        """Other modalities' fields (the examples' 4th item), one batch tensor each."""
+        if len(examples[0]) < 4:
+            return {}
+        return {
+            name: self.field_collators.get(name, stack_rows)([example[3][name] for example in examples])
+            for name in examples[0][3]
+        }
+
+
+def stack_rows(rows: list[np.ndarray]) -> torch.Tensor:
+    """Fixed-size rows (feature vectors, images) -> [batch, *row shape]."""
+    return torch.from_numpy(np.stack(rows))

@@ -8,10 +8,13 @@ and, where there is one, the row.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from harness.config import DataConfig
 
@@ -31,12 +34,15 @@ class LabelledTexts:
     labels: list[int]
     origin: str
     """Where the rows came from, for messages."""
+    features: np.ndarray | None = None
+    """[rows, data.feature_columns] float32: numeric columns read beside the text (for multimodal models)."""
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def select(self, indices: Sequence[int]) -> LabelledTexts:
-        return LabelledTexts([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.origin)
+        features = self.features[np.asarray(indices, dtype=np.int64)] if self.features is not None else None
+        return LabelledTexts([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.origin, features)
 
     def content_hash(self) -> str:
         """Hash of texts and labels: part of the tokenization cache key."""
@@ -147,19 +153,41 @@ def _read_aclimdb_split(root: Path, split: str, labels: list[str]) -> LabelledTe
     return _check_rows(texts, raw_labels, labels, origin)
 
 
-def load_path_splits(path: str, labels: list[str], splits: tuple[str, ...] = SPLITS) -> dict[str, LabelledTexts]:
+def load_path_splits(
+    path: str, labels: list[str], splits: tuple[str, ...] = SPLITS, feature_columns: Sequence[str] = ()
+) -> dict[str, LabelledTexts]:
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise DataError(f"data.path {folder}: no such folder")
     root = _aclimdb_root(folder)
     if root is not None:
+        if feature_columns:
+            raise DataError(f"{root}: an aclImdb folder has no columns; data.feature_columns needs Parquet/CSV/JSONL")
         return {split: _read_aclimdb_split(root, split, labels) for split in splits}
     loaded = {}
     for split in splits:
         file = _find_split_file(folder, split)
-        texts, raw_labels = _read_table(file)
+        texts, raw_labels, *columns = _read_table(file, ("text", "label", *feature_columns))
         loaded[split] = _check_rows(texts, raw_labels, labels, str(file))
+        if feature_columns:
+            loaded[split].features = _check_features(columns, feature_columns, file)
     return loaded
+
+
+def _check_features(columns: list[Sequence[Any]], names: Sequence[str], file: Path) -> np.ndarray:
+    """The feature columns as a [rows, columns] float32 array; every value must be a finite number."""
+    features = np.empty((len(columns[0]), len(names)), dtype=np.float32)
+    for j, (name, column) in enumerate(zip(names, columns, strict=True)):
+        for i, value in enumerate(column):
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                number = math.nan
+            if not math.isfinite(number):
+                shown = "empty" if value is None or value == "" else repr(value)
+                raise DataError(f"{file}, row {i}: column {name!r} is {shown}, not a finite number")
+            features[i, j] = number
+    return features
 
 
 def _unlabelled(texts: Sequence[Any], origin: str) -> LabelledTexts:
@@ -218,9 +246,11 @@ def load_synthetic(cfg: DataConfig, seed: int) -> dict[str, LabelledTexts]:
 
 def load_raw_splits(cfg: DataConfig, seed: int, splits: tuple[str, ...] = SPLITS) -> dict[str, LabelledTexts]:
     """The labelled `splits` (train and test; pre-training asks for train only, so needs no test file)."""
+    if cfg.feature_columns and cfg.source != "path":
+        raise DataError(f"data.feature_columns: only files (data.source=path) have columns; source is {cfg.source!r}")
     if cfg.source == "synthetic":
         return load_synthetic(cfg, seed)
     if cfg.source == "path":
         assert cfg.path is not None  # validated in config
-        return load_path_splits(cfg.path, cfg.labels, splits)
+        return load_path_splits(cfg.path, cfg.labels, splits, cfg.feature_columns)
     return load_imdb_hub(cfg.labels)

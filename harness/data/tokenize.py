@@ -7,7 +7,7 @@ length setting, so a changed input never reuses a stale cache and a repeated run
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -40,11 +40,16 @@ class TokenizedSplit:
     lengths: np.ndarray
     word_ids: list[np.ndarray] | None = None
     """Per token, the index of the word it belongs to (NO_WORD for special tokens); for whole-word masking."""
+    fields: dict[str, np.ndarray] = field(default_factory=dict)
+    """Other modalities' inputs per example (e.g. `features`: [examples, columns]), batched by stacking."""
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[int, np.ndarray, int]:
+    def __getitem__(self, index: int) -> tuple:
+        """(index, token ids, label), plus a dict of the other fields' rows when there are any."""
+        if self.fields:
+            return index, self.input_ids[index], int(self.labels[index]), {k: v[index] for k, v in self.fields.items()}
         return index, self.input_ids[index], int(self.labels[index])
 
     @property
@@ -139,4 +144,5 @@ def tokenize_split(split: LabelledTexts, tokenizer, cfg: DataConfig, with_word_i
         labels=np.asarray(columns["label"], dtype=np.int64),
         lengths=np.asarray(columns["length"], dtype=np.int64),
         word_ids=list(columns["word_ids"]) if with_word_ids else None,
+        fields={"features": split.features} if split.features is not None else {},
     )

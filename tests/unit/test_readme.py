@@ -13,5 +13,6 @@ def test_every_config_key_is_in_the_readme_reference():
 
 def test_readme_commands_name_files_that_exist():
     for path in ("configs/quickstart.yaml", "configs/imdb_bert_base.yaml", "configs/imdb_minilm_cpu.yaml",
-                 "slurm/train.sbatch", "slurm/sweep.sbatch", "benchmarks/vs_trainer.py"):  # fmt: skip
+                 "slurm/train.sbatch", "slurm/sweep.sbatch", "benchmarks/vs_trainer.py", "configs/pretrain_imdb.yaml",
+                 "slurm/pretrain.sbatch", "configs/text_tabular.yaml", "harness/pretrain.py"):  # fmt: skip
         assert path in README and (ROOT / path).exists(), path
