@@ -51,6 +51,8 @@ if __package__ in (None, ""):
     # Run as a script, Python puts benchmarks/ on sys.path; import the harness from the project root instead.
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from harness.throughput import measure_peak_flops, train_flops_per_token  # noqa: E402  (one MFU definition)
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 DEFAULT_DATA = (ROOT.parent / "shared" / "data" / "imdb").resolve()
@@ -217,21 +219,6 @@ class PreparedWorkload:
     """The resolved training settings every side uses, in one line."""
 
 
-def train_flops_per_token(non_embedding_params: int, layers: int, hidden: int, mean_length: float) -> float:
-    """Training FLOPs (forward + backward) per real token, from the model's config:
-
-        6 * N                          dense matmuls: 2 FLOPs per weight per token forward, 4 backward, where
-                                       N = parameters outside the embeddings (a lookup is not a matmul);
-      + 12 * layers * hidden * S       attention: the scores Q K^T and the weighted sum A V cost 2 * S * hidden
-                                       FLOPs each per token per layer forward (4 * S * hidden), times 3 for
-                                       forward + backward;
-
-    with S the mean real (non-padding) length of a training sequence (Kaplan et al. 2020; PaLM appendix B).
-    Only real tokens are counted, so MFU is useful work: padding, dropout masks, softmax and layer norms
-    are overhead that lowers it. MFU = this x real tokens/s / the measured matmul peak."""
-    return 6.0 * non_embedding_params + 12.0 * layers * hidden * mean_length
-
-
 def data_fingerprint(train, test) -> str:
     """SHA-256 over the token ids and labels of the train and test splits (TokenizedSplit objects)."""
     import numpy as np
@@ -348,35 +335,6 @@ def prepare_workload(workload: Workload, opts: BenchOptions, workdir: Path) -> P
 # ----------------------------------------------------------------------------------------------------
 # The hardware limit: a large matmul, measured once per invocation
 # ----------------------------------------------------------------------------------------------------
-
-
-def measure_peak_flops(device: str, precision: str, size: int, reps: int) -> float:
-    """Best-of-`reps` FLOP/s of a size x size matmul in the training precision's matmul dtype, on `device`."""
-    import torch
-
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    c = torch.empty(size, size, device=device, dtype=dtype)
-    inner = 20 if device == "cuda" else 1  # a GPU matmul takes about a millisecond: time a burst
-
-    def sync() -> None:
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    torch.mm(a, b, out=c)  # warm-up: kernel selection, page faults
-    sync()
-    best = math.inf
-    for _ in range(reps):
-        start = time.perf_counter()
-        for _ in range(inner):
-            torch.mm(a, b, out=c)
-        sync()  # host sync: wait for the burst before reading the clock
-        best = min(best, (time.perf_counter() - start) / inner)
-    del a, b, c
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return 2.0 * size**3 / best
 
 
 # ----------------------------------------------------------------------------------------------------

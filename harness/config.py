@@ -159,6 +159,8 @@ class LoggingConfig:
     """Console display: rich progress on a terminal, plain lines otherwise (auto picks by stdout)."""
     trackers: list[str] = field(default_factory=list)
     """Accelerate trackers to log to as well, e.g. [tensorboard] (files under <output_dir>/trackers/)."""
+    peak_tflops: float = 0.0
+    """One process's peak TFLOP/s for MFU (e.g. 989 for an H100's dense bf16); 0: measured at start (short matmul)."""
 
 
 @dataclass
@@ -462,6 +464,8 @@ def validate(cfg: ExperimentConfig) -> list[str]:
         p.append("data.feature_columns: read for a non-text modality, but model.modalities is [text]")
     if "tabular" in m.modalities and not d.feature_columns:
         p.append("data.feature_columns: the tabular modality needs the numeric columns to read")
+    if cfg.logging.peak_tflops < 0:
+        p.append(f"logging.peak_tflops: must be >= 0 (0 measures it), got {cfg.logging.peak_tflops}")
     if m.fusion_hidden < 1:
         p.append(f"model.fusion_hidden: must be >= 1, got {m.fusion_hidden}")
     if isinstance(cfg, PretrainConfig):

@@ -47,6 +47,7 @@ from harness.evaluation import is_improvement
 from harness.faults import injected_nan_steps
 from harness.model import max_positions, parameter_groups
 from harness.optim import build_optimizer, build_scheduler
+from harness.throughput import flop_counter_for, quick_peak_flops
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "results.json", "best", "final", "checkpoints", "exit_status.json",
              TRACKER_DIR)  # fmt: skip
@@ -181,6 +182,27 @@ def report_memory(accelerator, model, optimizer, log: RunLog) -> None:
     log.record("memory", per_rank=per_rank)
 
 
+def run_peak_flops(cfg: ExperimentConfig, accelerator) -> float:
+    """Peak FLOP/s of all processes together: logging.peak_tflops per process, or each process's measured
+    matmul peak (measured at the same time on every rank, so CPU ranks share the cores as in training)."""
+    if cfg.logging.peak_tflops > 0:
+        return cfg.logging.peak_tflops * 1e12 * accelerator.num_processes
+    accelerator.wait_for_everyone()
+    return float(sum(gather_object([quick_peak_flops(accelerator.device, cfg.train.precision)])))
+
+
+def throughput_results(flops_done: float, train_seconds: float, peak_flops: float | None, cfg) -> dict:
+    """results.json's MFU fields (absent for models whose FLOPs the config does not tell)."""
+    if not peak_flops or train_seconds <= 0:
+        return {}
+    return {
+        "train_tflops_per_s": flops_done / train_seconds / 1e12,
+        "train_mfu": flops_done / train_seconds / peak_flops,
+        "peak_tflops": peak_flops / 1e12,
+        "peak_source": "logging.peak_tflops" if cfg.logging.peak_tflops > 0 else "measured",
+    }
+
+
 def run(cfg: ExperimentConfig, task: Task | None = None) -> dict:
     task = task or ClassificationTask(cfg)
     t_start = time.monotonic()
@@ -222,8 +244,10 @@ def run(cfg: ExperimentConfig, task: Task | None = None) -> dict:
             state.step + remaining_this_epoch - state.position + (cfg.train.epochs - state.epoch - 1) * per_epoch
         )
 
+    flop_counter = flop_counter_for(model)  # before prepare: ZeRO-3 partitions the parameters
     optimizer = build_optimizer(parameter_groups(model, cfg.train.weight_decay), cfg.train, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
+    peak_flops = run_peak_flops(cfg, accelerator) if flop_counter is not None and total_steps > 0 else None
     scheduler = build_scheduler(torch_optimizer(optimizer), cfg.train, max(total_steps, 1))
     accelerator.register_for_checkpointing(scheduler)
 
@@ -305,6 +329,7 @@ def run(cfg: ExperimentConfig, task: Task | None = None) -> dict:
     log.advance(state.step, total_steps, None)
     t_train = time.monotonic()
     examples_at_start, tokens_at_start = state.examples_seen, state.tokens_seen
+    flops_done = 0.0  # model FLOPs of the real tokens trained on since this (re)start
     while state.step < total_steps and not stop_early:
         plan = epoch_plan(train_split.lengths, layout, cfg, state.epoch, state.consumed_before_plan)
         todo = plan[state.position :][: total_steps - state.step]
@@ -358,7 +383,9 @@ def run(cfg: ExperimentConfig, task: Task | None = None) -> dict:
             if state.step == 1:
                 report_memory(accelerator, model, optimizer, log)
             state.examples_seen += step_examples
-            state.tokens_seen += int(train_split.lengths[np.concatenate(global_step)].sum())
+            step_lengths = train_split.lengths[np.concatenate(global_step)]  # every rank's examples
+            state.tokens_seen += int(step_lengths.sum())
+            flops_done += flop_counter.flops(step_lengths) if flop_counter is not None else 0.0
             state.window_weight += step_weight
             epoch_progress = state.epoch + state.position / len(plan)
 
@@ -373,11 +400,15 @@ def run(cfg: ExperimentConfig, task: Task | None = None) -> dict:
                     "samples/s": (state.examples_seen - examples_at_start) / elapsed,
                     "tokens/s": (state.tokens_seen - tokens_at_start) / elapsed,
                 }
+                mfu = {}
+                if peak_flops:
+                    mfu = {"tflops_per_s": flops_done / elapsed / 1e12, "mfu": flops_done / elapsed / peak_flops}
+                    log_values["mfu"] = f"{100 * mfu['mfu']:.1f}%"
                 grad = float(grad_norm) if cfg.train.max_grad_norm > 0 and not nonfinite else None
                 log.record(
                     "train", split="train", step=state.step, epoch=round(epoch_progress, 4), loss=loss,
                     lr=log_values["lr"], grad_norm=grad, samples_per_s=log_values["samples/s"],
-                    tokens_per_s=log_values["tokens/s"], skipped_steps=state.skipped_steps,
+                    tokens_per_s=log_values["tokens/s"], **mfu, skipped_steps=state.skipped_steps,
                 )  # fmt: skip
                 window_loss.zero_()
                 state.window_weight = 0
@@ -436,6 +467,7 @@ def run(cfg: ExperimentConfig, task: Task | None = None) -> dict:
         "train_seconds": round(train_seconds, 3),
         "train_samples_per_s": trained / train_seconds if trained else 0.0,
         "train_tokens_per_s": (state.tokens_seen - tokens_at_start) / train_seconds if trained else 0.0,
+        **throughput_results(flops_done, train_seconds, peak_flops, cfg),
         "resumed_from_step": resume_from[1]["step"] if resume_from else None,
         "precision": cfg.train.precision,
         "model": cfg.model.name_or_path,

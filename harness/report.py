@@ -145,6 +145,15 @@ def fmt_metric(value: object) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "—"
 
 
+def fmt_mfu(results: dict) -> str:
+    """MFU with what it is measured against, e.g. `41.2% of 1,978 TFLOP/s (measured)`."""
+    if results.get("train_mfu") is None:
+        return "—"
+    peak = results["peak_tflops"]
+    shown = f"{peak:,.0f}" if peak >= 100 else f"{peak:.3g}"
+    return f"{100 * results['train_mfu']:.1f}% of {shown} TFLOP/s ({results['peak_source']})"
+
+
 def fmt_number(value: object, decimals: int = 1) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return "—" if value is None else str(value)
@@ -358,6 +367,7 @@ def render_report(run: RunRecord) -> str:
         ("train seconds", fmt_number(results.get("train_seconds"))),
         ("train samples/s", fmt_number(results.get("train_samples_per_s"))),
         ("train tokens/s", fmt_number(results.get("train_tokens_per_s"), 0)),
+        ("train MFU", fmt_mfu(results)),
         ("best step", fmt_number(best_step)),
         ("best validation", f"{best.get('metric', '—')} {fmt_metric(best.get('value'))}"),
         ("config fingerprint", str(results.get("config_fingerprint", "—"))),

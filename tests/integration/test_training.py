@@ -39,3 +39,22 @@ def test_augmented_training_learns_is_reproducible_and_leaves_evaluation_alone(t
     for name, augment_ops in (("a-eval", ",".join(ops)), ("plain-eval", "[]")):  # evaluation is never augmented
         run_harness(config, f"output_dir={tmp_path / name}", "train.max_steps=0", f"augment.ops={augment_ops}")
     assert read_results(tmp_path / "a-eval")["test"] == read_results(tmp_path / "plain-eval")["test"]
+
+
+def test_training_log_and_results_report_mfu(tmp_path):
+    config = tiny_config(tmp_path, train={"max_steps": 12}, logging={"every_steps": 4, "progress": "plain"})
+    proc = run_harness(config)
+    results = read_results(tmp_path / "run")
+    assert results["peak_source"] == "measured" and results["peak_tflops"] > 0
+    assert 0 < results["train_mfu"] < 1
+    assert results["train_mfu"] == pytest.approx(results["train_tflops_per_s"] / results["peak_tflops"])
+    rows = [r for r in read_metrics(tmp_path / "run") if r["event"] == "train"]
+    assert [r["step"] for r in rows] == [4, 8, 12] and all(0 < r["mfu"] < 1 for r in rows)
+    assert " mfu " in proc.stdout
+
+    # A given peak (per process) replaces the measurement: 2 processes have twice the peak.
+    out = tmp_path / "given"
+    run_harness(config, f"output_dir={out}", "logging.peak_tflops=0.5", nproc=2)
+    given = read_results(out)
+    assert given["peak_source"] == "logging.peak_tflops" and given["peak_tflops"] == pytest.approx(1.0)
+    assert given["train_mfu"] == pytest.approx(given["train_tflops_per_s"] / 1.0)

@@ -41,6 +41,9 @@ def write_run(out, train_steps=(10, 20, 30), eval_steps=(15, 30), best_step=30, 
         "train_seconds": 10.0,
         "train_samples_per_s": 123.456,
         "train_tokens_per_s": 9876.5,
+        "train_mfu": 0.4123,
+        "peak_tflops": 1978.0,
+        "peak_source": "measured",
         "precision": "bf16",
         "model": "builtin:tiny-bert",
     }
@@ -130,6 +133,7 @@ def test_report_holds_summary_curves_tables_and_confusion_matrix(tmp_path):
         assert f">{count}</td>" in html
     assert "<th>neg</th>" in html and "<th>pos</th>" in html
     assert "MULTI_CPU, gloo" in html and "bf16" in html and "123.5" in html and "9,876" in html
+    assert "41.2% of 1,978 TFLOP/s (measured)" in html
     assert '<tr class="best"><td>30</td>' in html  # the best evaluation is marked in the validation table
     assert "<script" not in html and "http" not in html  # self-contained: nothing to fetch
 

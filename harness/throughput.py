@@ -1,0 +1,92 @@
+"""Model FLOPs utilisation: the training FLOPs a model's config implies, and the device's measured matmul peak.
+
+MFU = (training FLOPs of the real tokens processed) / wall time / (peak FLOP/s of all processes). The FLOPs
+count only useful work: padding, dropout, softmax and layer norms are overhead that lowers MFU, so it says
+how close the run is to the hardware, the same way on a CPU and a GPU. The benchmark (benchmarks/vs_trainer.py)
+and the training log use these same definitions.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+MATMUL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def train_flops_per_token(non_embedding_params: int, layers: int, hidden: int, mean_length: float) -> float:
+    """Training FLOPs (forward + backward) per real token, from the model's config:
+
+        6 * N                          dense matmuls: 2 FLOPs per weight per token forward, 4 backward, where
+                                       N = parameters outside the embeddings (a lookup is not a matmul);
+      + 12 * layers * hidden * S       attention: the scores Q K^T and the weighted sum A V cost 2 * S * hidden
+                                       FLOPs each per token per layer forward (4 * S * hidden), times 3 for
+                                       forward + backward;
+
+    with S the mean real (non-padding) length of a training sequence (Kaplan et al. 2020; PaLM appendix B)."""
+    return 6.0 * non_embedding_params + 12.0 * layers * hidden * mean_length
+
+
+@dataclass(frozen=True)
+class FlopCounter:
+    """Training FLOPs of a batch of sequences: the per-token formula above, summed exactly over the batch
+    (a sequence of s tokens costs 6 N s + 12 layers hidden s^2)."""
+
+    non_embedding_params: int
+    layers: int
+    hidden: int
+
+    def flops(self, lengths: np.ndarray) -> float:
+        lengths = np.asarray(lengths, dtype=np.float64)
+        return 6.0 * self.non_embedding_params * lengths.sum() + 12.0 * self.layers * self.hidden * (lengths**2).sum()
+
+
+def flop_counter_for(model: torch.nn.Module) -> FlopCounter | None:
+    """From a transformer's config (BERT-likes, DistilBERT); None where the model has no such config."""
+    config = getattr(model, "config", None)
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers", None)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", None)
+    if not layers or not hidden:
+        return None
+    embedding = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    # Distinct parameters (a tied MLM decoder is the word embedding) outside the embedding tables.
+    params = {id(p): p for p in model.parameters() if id(p) not in embedding}
+    return FlopCounter(sum(p.numel() for p in params.values()), int(layers), int(hidden))
+
+
+def measure_peak_flops(device: str | torch.device, precision: str, size: int, reps: int) -> float:
+    """Best-of-`reps` FLOP/s of a size x size matmul in the training precision's matmul dtype, on `device`."""
+    device = torch.device(device)
+    dtype = MATMUL_DTYPES[precision]
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    c = torch.empty(size, size, device=device, dtype=dtype)
+    inner = 20 if device.type == "cuda" else 1  # a GPU matmul takes about a millisecond: time a burst
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    torch.mm(a, b, out=c)  # warm-up: kernel selection, page faults
+    sync()
+    best = math.inf
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(inner):
+            torch.mm(a, b, out=c)
+        sync()  # host sync: wait for the burst before reading the clock
+        best = min(best, (time.perf_counter() - start) / inner)
+    del a, b, c
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return 2.0 * size**3 / best
+
+
+def quick_peak_flops(device: torch.device, precision: str) -> float:
+    """The peak for a training run's log: a few matmuls, well under a second (the benchmark times longer)."""
+    size = 8192 if device.type == "cuda" else 1024
+    return measure_peak_flops(device, precision, size, reps=5)
