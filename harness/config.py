@@ -93,6 +93,9 @@ class TrainConfig:
     """Examples per micro-batch per process."""
     grad_accum: int = 1
     """Micro-batches per optimizer step per process."""
+    max_tokens_per_batch: int = 0
+    """Token budget per micro-batch (examples x longest, padding included): the batch size adapts to length;
+    batch_size then only sizes the sorting window. 0: off."""
     lr: float = 2e-5
     """Peak learning rate."""
     weight_decay: float = 0.01
@@ -399,6 +402,9 @@ def validate(cfg: ExperimentConfig) -> list[str]:
         p.append(f"train.lr: must be > 0, got {t.lr}")
     if t.batch_size < 1:
         p.append(f"train.batch_size: must be >= 1, got {t.batch_size}")
+    if t.max_tokens_per_batch < 0 or 0 < t.max_tokens_per_batch < d.max_length:
+        p.append(f"train.max_tokens_per_batch: 0 (off) or at least data.max_length ({d.max_length}) so that "
+                 f"the longest example fits, got {t.max_tokens_per_batch}")  # fmt: skip
     if t.grad_accum < 1:
         p.append(f"train.grad_accum: must be >= 1, got {t.grad_accum}")
     if t.epochs < 1:

@@ -32,7 +32,7 @@ from harness.checkpoint import (
 from harness.classification import ClassificationTask, TaskSetup
 from harness.config import ConfigError, ExperimentConfig
 from harness.console import RunLog, quiet_library_progress_bars
-from harness.data.sampler import StepLayout, plan_epoch, rank_micro_batches, step_example_count, steps_per_epoch
+from harness.data.sampler import StepLayout, plan_epoch, rank_micro_batches, step_example_count
 from harness.distributed import (
     TRACKER_DIR,
     RunPlace,
@@ -123,7 +123,7 @@ class TrainState:
     consumed_before_plan: list[int] | None = None
     """Examples of this epoch consumed before the current plan (only after resuming with another world size)."""
     layout: list[int] = field(default_factory=list)
-    """[batch_size, world_size, grad_accum] the plan was made with."""
+    """[batch_size, world_size, grad_accum, max_tokens] the plan was made with (older checkpoints: 3 values)."""
     examples_seen: int = 0
     tokens_seen: int = 0
     window_loss_per_rank: list[float] = field(default_factory=list)
@@ -134,6 +134,10 @@ class TrainState:
     skipped_steps: int = 0
     last_eval_step: int = -1
     best: dict = field(default_factory=dict)
+
+
+def layout_list(layout: StepLayout) -> list[int]:
+    return [layout.batch_size, layout.world_size, layout.grad_accum, layout.max_tokens]
 
 
 def epoch_plan(lengths: np.ndarray, layout: StepLayout, cfg: ExperimentConfig, epoch: int, exclude) -> list:
@@ -225,23 +229,27 @@ def run(cfg: ExperimentConfig, task: Task | None = None) -> dict:
     train_split, val_split = setup.splits["train"], setup.splits["validation"]
     test_split = setup.splits.get("test")  # pre-training has none
 
-    layout = StepLayout(cfg.train.batch_size, world, cfg.train.grad_accum)
-    per_epoch = steps_per_epoch(len(train_split), layout)
+    layout = StepLayout(cfg.train.batch_size, world, cfg.train.grad_accum, cfg.train.max_tokens_per_batch)
+    per_epoch = len(epoch_plan(train_split.lengths, layout, cfg, 0, None))
     if per_epoch == 0 and cfg.train.max_steps != 0:
         raise ConfigError(
             [f"data: {len(train_split)} training examples cannot fill one step of {layout.micro_batches} micro-batches"]
         )
 
     # ---- where training starts: fresh, or from a checkpoint (its trainer state, checked for compatibility) ----
-    state = TrainState(layout=[layout.batch_size, layout.world_size, layout.grad_accum])
+    state = TrainState(layout=layout_list(layout))
     if resume_from is not None:
         state = restore_trainer_state(resume_from, cfg, layout, train_split.lengths, accelerator, log)
     remaining_this_epoch = len(epoch_plan(train_split.lengths, layout, cfg, state.epoch, state.consumed_before_plan))
     if cfg.train.max_steps >= 0:
         total_steps = cfg.train.max_steps
     else:  # epochs: what is left of this epoch plus the epochs after it
+        later = range(state.epoch + 1, cfg.train.epochs)  # planned: with a token budget their sizes differ
         total_steps = (
-            state.step + remaining_this_epoch - state.position + (cfg.train.epochs - state.epoch - 1) * per_epoch
+            state.step
+            + remaining_this_epoch
+            - state.position
+            + sum(len(epoch_plan(train_split.lengths, layout, cfg, epoch, None)) for epoch in later)
         )
 
     flop_counter = flop_counter_for(model)  # before prepare: ZeRO-3 partitions the parameters
@@ -538,7 +546,7 @@ def restore_trainer_state(resume_from, cfg, layout: StepLayout, lengths, acceler
                  f"(was {old.batch_size}/{old.world_size}/{old.grad_accum}): continuing epoch {state.epoch} after "
                  f"its first {len(consumed)} examples")  # fmt: skip
         state.consumed_before_plan, state.position = consumed, 0
-        state.layout = [layout.batch_size, layout.world_size, layout.grad_accum]
+        state.layout = layout_list(layout)
         state.window_loss_per_rank = [sum(state.window_loss_per_rank)] + [0.0] * (layout.world_size - 1)
     log.info(f"resuming from {path} (step {state.step}, epoch {state.epoch}, position {state.position})")
     return state

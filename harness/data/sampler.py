@@ -14,6 +14,12 @@ Each step is then cut into world_size x grad_accum micro-batches of neighbouring
 
 The last, smaller step of an epoch is split as evenly as possible (micro-batch sizes differ by at most one);
 if it holds fewer examples than there are micro-batches, those few examples wait for the next epoch.
+
+With a token budget (`max_tokens`, train.max_tokens_per_batch) the number of examples adapts to their length
+instead: walking a window longest first, each step takes as many examples as keep every micro-batch within
+the budget (micro-batch examples x its longest example <= max_tokens), so memory stays flat while short texts
+get large batches. Steps then differ in size; the loss stays exact because it is normalised by each step's
+example count. Examples left over at the end of a window (fewer than the micro-batches) join the next window.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ class StepLayout:
     batch_size: int
     world_size: int
     grad_accum: int
+    max_tokens: int = 0
+    """Token budget per micro-batch (padded tokens); 0: batch_size examples per micro-batch."""
 
     @property
     def micro_batches(self) -> int:
@@ -58,6 +66,9 @@ def plan_epoch(lengths: np.ndarray, layout: StepLayout, seed: int, epoch: int, w
     """All global steps of one epoch, deterministic in (seed, epoch)."""
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(lengths))
+    if layout.max_tokens:
+        steps = _token_budget_steps(order, lengths, layout, window_steps)
+        return [steps[i] for i in rng.permutation(len(steps))]
     per_step = layout.examples_per_step
     tail = len(order) % per_step
     if 0 < tail < layout.micro_batches:  # too few to give every micro-batch an example
@@ -73,7 +84,28 @@ def plan_epoch(lengths: np.ndarray, layout: StepLayout, seed: int, epoch: int, w
     return [steps[i] for i in rng.permutation(len(steps))]
 
 
+def _token_budget_steps(order: np.ndarray, lengths: np.ndarray, layout: StepLayout, window_steps: int) -> list[Step]:
+    """Steps whose micro-batches each hold at most `layout.max_tokens` padded tokens (see the module doc)."""
+    parts = layout.micro_batches
+    window = layout.examples_per_step * window_steps
+    steps: list[Step] = []
+    carry = order[:0]
+    for start in range(0, len(order), window):
+        chunk = np.concatenate([carry, order[start : start + window]])
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]  # longest first; ties keep shuffled order
+        i = 0
+        while len(chunk) - i >= parts:
+            per_micro_batch = max(1, layout.max_tokens // max(1, int(lengths[chunk[i]])))
+            take = min(per_micro_batch * parts, len(chunk) - i)
+            steps.append(_split_evenly(chunk[i : i + take], parts))
+            i += take
+        carry = chunk[i:]
+    return steps
+
+
 def steps_per_epoch(num_examples: int, layout: StepLayout) -> int:
+    """Steps of a fixed-batch-size epoch (with a token budget the count depends on the lengths: plan it)."""
+    assert not layout.max_tokens, "a token-budget epoch's step count comes from its plan"
     full, tail = divmod(num_examples, layout.examples_per_step)
     return full + (1 if tail >= layout.micro_batches else 0)
 

@@ -77,3 +77,27 @@ def test_eval_plan_covers_each_example_once_with_equal_batch_counts(world):
     ) == sorted(map(tuple, single)), (
         "an example's batch (its neighbours and padded shape) must not depend on the world size"
     )
+
+
+@pytest.mark.parametrize("world,accum,budget", [(1, 1, 2000), (2, 1, 2000), (2, 2, 1500), (3, 1, 600)])
+def test_token_budget_keeps_every_micro_batch_within_it_and_uses_every_example(world, accum, budget):
+    layout = StepLayout(8, world, accum, max_tokens=budget)
+    plan = plan_epoch(LENGTHS, layout, seed=1, epoch=0, window_steps=4)
+    assert plan == plan_epoch(LENGTHS, layout, seed=1, epoch=0, window_steps=4)
+    used = [i for step in plan for mb in step for i in mb]
+    assert len(used) == len(set(used))
+    assert len(LENGTHS) - len(used) < layout.micro_batches  # only a last remainder waits for the next epoch
+    for step in plan:
+        assert len(step) == layout.micro_batches and all(len(mb) >= 1 for mb in step)
+        assert all(len(mb) * LENGTHS[mb].max() <= budget for mb in step)
+    sizes = [step_example_count(step) for step in plan]
+    assert max(sizes) > 2 * min(sizes), "short texts must get larger steps than long ones"
+    # Budgets are filled: the average micro-batch holds more than half the budget in padded tokens.
+    fill = [len(mb) * LENGTHS[mb].max() / budget for step in plan for mb in step]
+    assert np.mean(fill) > 0.5
+
+
+def test_token_budget_plan_is_independent_of_how_a_step_is_split():
+    two_ranks = plan_epoch(LENGTHS, StepLayout(4, 2, 1, max_tokens=1200), seed=3, epoch=0, window_steps=4)
+    two_slots = plan_epoch(LENGTHS, StepLayout(4, 1, 2, max_tokens=1200), seed=3, epoch=0, window_steps=4)
+    assert two_ranks == two_slots
