@@ -62,8 +62,9 @@ def measure_peak_flops(device: str | torch.device, precision: str, size: int, re
     """Best-of-`reps` FLOP/s of a size x size matmul in the training precision's matmul dtype, on `device`."""
     device = torch.device(device)
     dtype = MATMUL_DTYPES[precision]
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    # Constant operands: drawing random ones would advance the global RNG, and with it a run's dropout masks.
+    a = torch.full((size, size), 0.5, device=device, dtype=dtype)
+    b = torch.full((size, size), 0.25, device=device, dtype=dtype)
     c = torch.empty(size, size, device=device, dtype=dtype)
     inner = 20 if device.type == "cuda" else 1  # a GPU matmul takes about a millisecond: time a burst
 

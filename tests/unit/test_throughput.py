@@ -41,6 +41,10 @@ def test_models_without_a_transformer_config_have_no_counter():
     assert flop_counter_for(torch.nn.Linear(4, 2)) is None
 
 
-def test_measured_peak_is_a_plausible_flop_rate():
+def test_measured_peak_is_a_plausible_flop_rate_and_leaves_the_rng_alone():
+    torch.manual_seed(0)
     peak = measure_peak_flops("cpu", "fp32", size=256, reps=3)
     assert 1e8 < peak < 1e14  # between 0.1 GFLOP/s and 100 TFLOP/s on any CPU
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(3)), "measuring the peak must not change a run's random draws"
