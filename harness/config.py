@@ -47,6 +47,8 @@ class ModelConfig:
     """Encoders the classifier fuses, by registered name (text, tabular, ...); [text] is a plain classifier."""
     fusion_hidden: int = 128
     """Width of the fusion head and of non-text encoders' outputs (when modalities is not just [text])."""
+    modules: list[str] = field(default_factory=list)
+    """Python modules imported first: they register their own modalities (harness.multimodal)."""
 
 
 @dataclass
@@ -116,6 +118,8 @@ class TrainConfig:
     """Clip the global gradient norm to this; 0 disables clipping."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Mixed precision mode (fp16 uses loss scaling and needs a GPU)."""
+    compile: bool = False
+    """torch.compile the model (inductor, dynamic shapes: batch lengths vary without a recompile per shape)."""
 
 
 @dataclass

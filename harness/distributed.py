@@ -143,6 +143,8 @@ def build_accelerator(cfg: ExperimentConfig) -> Accelerator:
     process_group = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.runtime.collective_timeout_s))
     kwargs: dict[str, Any] = {}
     if deepspeed_requested():
+        if cfg.train.compile:  # DeepSpeed's engine hooks parameters itself; compiling under it is untested here
+            raise ConfigError(["train.compile: not supported under a DeepSpeed launch; use DDP or one process"])
         kwargs["deepspeed_plugin"] = build_deepspeed_plugin(cfg, launched_world_size())
         if on_cpu:
             # Accelerate uses DeepSpeed only with cpu=False, and then finds no backend without GPUs: name gloo.

@@ -45,7 +45,7 @@ from harness.distributed import (
 )
 from harness.evaluation import is_improvement
 from harness.faults import injected_nan_steps
-from harness.model import max_positions, parameter_groups
+from harness.model import compile_model, compiled_graph_count, max_positions, parameter_groups
 from harness.optim import build_optimizer, build_scheduler
 from harness.throughput import flop_counter_for, quick_peak_flops
 
@@ -255,6 +255,8 @@ def run(cfg: ExperimentConfig, task: Task | None = None) -> dict:
     flop_counter = flop_counter_for(model)  # before prepare: ZeRO-3 partitions the parameters
     optimizer = build_optimizer(parameter_groups(model, cfg.train.weight_decay), cfg.train, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.train.compile:
+        compile_model(accelerator.unwrap_model(model))  # compiled lazily, at the first forward
     peak_flops = run_peak_flops(cfg, accelerator) if flop_counter is not None and total_steps > 0 else None
     scheduler = build_scheduler(torch_optimizer(optimizer), cfg.train, max(total_steps, 1))
     accelerator.register_for_checkpointing(scheduler)
@@ -447,6 +449,8 @@ def run(cfg: ExperimentConfig, task: Task | None = None) -> dict:
                 break
     train_seconds = time.monotonic() - t_train
     log.stop_progress()
+    if cfg.train.compile:
+        log.info(f"torch.compile: {compiled_graph_count()} graph(s) compiled for training and validation")
 
     # ---- the last state to final/, the best model on test ----
     export_model(accelerator, model, tokenizer, state_dict_copy(accelerator, model), out / "final")
@@ -477,6 +481,7 @@ def run(cfg: ExperimentConfig, task: Task | None = None) -> dict:
         "train_tokens_per_s": (state.tokens_seen - tokens_at_start) / train_seconds if trained else 0.0,
         **throughput_results(flops_done, train_seconds, peak_flops, cfg),
         "resumed_from_step": resume_from[1]["step"] if resume_from else None,
+        **({"compiled_graphs": compiled_graph_count()} if cfg.train.compile else {}),
         "precision": cfg.train.precision,
         "model": cfg.model.name_or_path,
         "config_fingerprint": cfg.fingerprint(),

@@ -191,3 +191,17 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def compile_model(module: torch.nn.Module) -> None:
+    """torch.compile in place (parameter names and state_dict keys stay as they are, so checkpoints and exports
+    do not change). Dynamic shapes: length-bucketed batches have many distinct (batch, length) shapes, and
+    compiling one graph per shape would cost more than it saves."""
+    module.compile(dynamic=True)
+
+
+def compiled_graph_count() -> int:
+    """Graphs torch.compile has produced in this process (recompiles included)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])

@@ -15,12 +15,14 @@ Built in: `text` (the encoder of `model.name_or_path`, pooled; reads input_ids /
     def image_encoder(cfg, context) -> torch.nn.Module:   # forward(image) -> [batch, out_dim]; has .out_dim
         ...
 
-Its input fields come from the dataset (TokenizedSplit.fields: `features` holds data.feature_columns) and are
-batched by stacking, or by the functions given as `collate={field: rows -> tensor}`.
+in a module named in `model.modules` (imported before the model is built). Its input fields come from the
+dataset (TokenizedSplit.fields: `features` holds data.feature_columns) and are batched by stacking, or by the
+functions given as `collate={field: rows -> tensor}`.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -174,6 +176,11 @@ def fusion_export(name_or_path: str) -> Path | None:
 def build_fusion_classifier(cfg: ExperimentConfig, seed: int) -> FusionClassifier:
     """New encoders (text from model.name_or_path) and head; or, when model.name_or_path is a multimodal
     export, the same architecture with the export's trained weights (to evaluate it or train it further)."""
+    for module in cfg.model.modules:  # users' own modalities register themselves on import
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ModelError(f"model.modules: cannot import {module!r}: {exc}") from exc
     unknown = [name for name in cfg.model.modalities if name not in MODALITIES]
     if unknown:
         raise ModelError(f"model.modalities: unknown {unknown}; registered: {sorted(MODALITIES)}")

@@ -115,27 +115,30 @@ def batch_of(rows: int, features: int = 3) -> dict[str, torch.Tensor]:
     }
 
 
-def test_a_registered_modality_is_fused_with_text(tmp_path):
-    @register_modality("feature_sum", inputs=("features",), collate={"features": lambda rows: torch.zeros(1)})
-    def feature_sum(cfg, context):
-        class Sum(torch.nn.Module):
-            out_dim = 1
-
-            def forward(self, features):
-                return features.sum(dim=-1, keepdim=True)
-
-        return Sum()
-
+def test_a_modality_from_model_modules_is_fused_with_text():
+    with pytest.raises(ModelError, match="model.modules: cannot import 'tests.no_such_module'"):
+        build_fusion_classifier(fusion_config(modules=["tests.no_such_module"]), seed=0)
+    cfg = fusion_config(modalities=["text", "feature_sum"], modules=["tests.custom_modality"])
     try:
-        model = build_fusion_classifier(fusion_config(modalities=["text", "feature_sum"]), seed=0)
-        assert list(field_collators(["text", "feature_sum"])) == ["features"]
-        assert field_collators(["text", "tabular"]) == {}  # tabular features are stacked
+        model = build_fusion_classifier(cfg, seed=0)
         assert list(model.encoders) == ["text", "feature_sum"]
         assert model.head[1].in_features == 64 + 1  # tiny BERT's pooled 64 + the new encoder's 1
         logits = model(**batch_of(4)).logits
         assert logits.shape == (4, 2) and torch.isfinite(logits).all()
     finally:
-        del MODALITIES["feature_sum"]
+        MODALITIES.pop("feature_sum", None)
+
+
+def test_a_modality_can_collate_its_own_fields():
+    @register_modality("zeros", inputs=("features",), collate={"features": lambda rows: torch.zeros(len(rows), 1)})
+    def zeros(cfg, context):
+        return torch.nn.Identity()
+
+    try:
+        assert list(field_collators(["text", "zeros"])) == ["features"]
+        assert field_collators(["text", "tabular"]) == {}  # tabular features are stacked
+    finally:
+        del MODALITIES["zeros"]
 
 
 def test_same_seed_same_model_and_export_round_trip(tmp_path):
