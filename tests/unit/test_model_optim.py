@@ -76,3 +76,13 @@ def test_best_and_patience():
     assert best.update(2, {"accuracy": 0.6}) and best.step == 2
     assert not best.update(4, {"accuracy": 0.6}) and best.evals_without_improvement == 1
     assert best.update(6, {"accuracy": 0.7}) and best.evals_without_improvement == 0
+
+
+def test_compile_is_refused_under_a_deepspeed_launch(monkeypatch):
+    from harness.config import ConfigError, config_from_dict
+    from harness.distributed import build_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    cfg = config_from_dict({"model": {"name_or_path": "builtin:tiny-bert"}, "train": {"compile": True}})
+    with pytest.raises(ConfigError, match="train.compile: not supported under a DeepSpeed launch"):
+        build_accelerator(cfg)
