@@ -133,10 +133,39 @@ def set_cpu_threads(requested: int) -> int:
     return requested
 
 
+# glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Serve every tensor from the heap and keep freed memory for the next step (glibc only; False elsewhere).
+
+    PyTorch's CPU allocator is plain malloc, and glibc hands each block over 32 MiB (at most; less before its
+    threshold adapts) straight back to the kernel on free. Training on CPU allocates such blocks many times per
+    step (a 16 x 12 x 256 x 256 attention tensor is 48 MiB), so each one is mapped afresh and page-faulted in,
+    zeroed, 4 KiB at a time: measured on MiniLM (2-core CPU, lengths up to 256), that was a fifth of the step.
+    With mmap off and trimming effectively off, freed blocks are reused instead; the process keeps its peak
+    footprint until it exits (threads' arenas still fall back to mmap for blocks their heaps cannot hold)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018  (glibc only: musl and macOS have other mallopt meanings)
+    except (OSError, AttributeError):
+        return False
+    return all(
+        libc.mallopt(param, value) == 1
+        for param, value in ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 256 * 2**20))
+    )
+
+
 def build_accelerator(cfg: ExperimentConfig) -> Accelerator:
     on_cpu = not torch.cuda.is_available()
     if on_cpu:
         set_cpu_threads(cfg.runtime.cpu_threads)
+        if cfg.runtime.keep_freed_cpu_memory:
+            keep_freed_cpu_memory()
     if cfg.train.precision == "fp16" and on_cpu:
         raise ConfigError(["train.precision: fp16 needs a CUDA GPU (loss scaling); use bf16 or fp32 on CPU"])
     # A collective waiting on a dead or hung rank fails after this, instead of hanging forever.

@@ -32,6 +32,7 @@ from harness.checkpoint import (
 from harness.classification import ClassificationTask, TaskSetup
 from harness.config import ConfigError, ExperimentConfig
 from harness.console import RunLog, quiet_library_progress_bars
+from harness.cpu_dropout import use_fast_cpu_dropout
 from harness.data.sampler import StepLayout, plan_epoch, rank_micro_batches, step_example_count
 from harness.distributed import (
     TRACKER_DIR,
@@ -252,6 +253,10 @@ def run(cfg: ExperimentConfig, task: Task | None = None) -> dict:
             + sum(len(epoch_plan(train_split.lengths, layout, cfg, epoch, None)) for epoch in later)
         )
 
+    if accelerator.device.type == "cpu" and cfg.train.fast_cpu_dropout and not cfg.train.compile:
+        swapped = use_fast_cpu_dropout(model)  # compiled graphs draw their own masks: leave those to inductor
+        log.info(f"fast CPU dropout: {swapped['dropout_modules']} dropout modules, "
+                 f"{swapped['attention_models']} attention implementation(s) swapped")  # fmt: skip
     flop_counter = flop_counter_for(model)  # before prepare: ZeRO-3 partitions the parameters
     optimizer = build_optimizer(parameter_groups(model, cfg.train.weight_decay), cfg.train, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -35,7 +35,8 @@ def test_only_the_fused_model_beats_chance_by_far(example):
         run_harness(CONFIG, *common(example, name), *overrides)
         accuracy[name] = read_results(example / name)["test"]["accuracy"]
     # Each modality alone knows the label on its half of the rows (gate > 0 or not) and guesses on the
-    # other: about 0.75. Measured on this project's CPU: fused 0.942, text 0.700, tabular 0.742.
+    # other: about 0.75. Measured on this project's CPU: fused 0.968, text 0.730, tabular 0.738
+    # (seeds 1 and 42 give 0.962 / 0.968 fused at 500 steps; at 300 steps seed 42 still stood at 0.87).
     assert accuracy["fused"] >= 0.9, accuracy
     assert 0.6 <= accuracy["text_only"] <= 0.82, accuracy
     assert 0.6 <= accuracy["tabular_only"] <= 0.82, accuracy

@@ -79,3 +79,19 @@ def test_compiled_model_trains_like_the_eager_one_with_few_graphs(tmp_path):
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-3)
     assert eager["test"]["accuracy"] > 0.7  # a trained model, so equal accuracies mean something
     assert compiled["test"]["accuracy"] == pytest.approx(eager["test"]["accuracy"], abs=0.01)
+
+
+def test_fast_cpu_dropout_learns_like_torchs_dropout(tmp_path):
+    # Same drop probabilities (tiny-bert: 0.1 everywhere), different random masks: equally good models.
+    config = tiny_config(tmp_path, data={"synthetic_train_size": 2400, "validation_size": 200,
+                         "synthetic_test_size": 400}, train={"max_steps": 80, "batch_size": 32}, logging={"every_steps": 20, "progress": "plain"})  # fmt: skip
+    fast = run_harness(config, f"output_dir={tmp_path / 'fast'}")
+    torch_dropout = run_harness(config, f"output_dir={tmp_path / 'torch'}", "train.fast_cpu_dropout=false")
+    assert "fast CPU dropout: 8 dropout modules, 1 attention implementation(s) swapped" in fast.stdout
+    assert "fast CPU dropout" not in torch_dropout.stdout
+    losses = {name: [r["loss"] for r in read_metrics(tmp_path / name) if r["event"] == "train"]
+              for name in ("fast", "torch")}  # fmt: skip
+    assert losses["fast"] != losses["torch"], "other masks, other trajectory"
+    accuracy = {name: read_results(tmp_path / name)["test"]["accuracy"] for name in ("fast", "torch")}
+    assert min(accuracy.values()) > 0.8, accuracy
+    assert abs(accuracy["fast"] - accuracy["torch"]) < 0.08, accuracy  # measured 0.93 / 0.91 on 400

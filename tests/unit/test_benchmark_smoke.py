@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import IMDB_DIR, ROOT
 
 BENCH = ROOT / "benchmarks" / "vs_trainer.py"
 SIDES = ("harness", "trainer-best", "trainer-default")
@@ -89,3 +89,18 @@ def test_cuda_workloads_are_bert_base_throughput_and_minilm_time_to_accuracy():
     assert {"data.max_length=512", "train.precision=bf16", "data.max_train_samples=null"} <= set(bert.overrides)
     assert not minilm.random_bert and minilm.config.name == "imdb_minilm_cpu.yaml"
     assert {"data.max_train_samples=null", "data.max_eval_samples=null"} <= set(minilm.overrides)
+
+
+@pytest.mark.skipif(not IMDB_DIR.is_dir(), reason=f"real IMDB data not found at {IMDB_DIR}")
+def test_tokenization_benchmark_runs_on_a_slice_of_imdb():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "tokenize_imdb.py"), "--limit", "200", "--data", str(IMDB_DIR)],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (line.strip().strip("|") for line in proc.stdout.splitlines() if line.startswith("| "))
+    rows = {cells[0]: cells for cells in ([cell.strip() for cell in line.split("|")] for line in lines)}
+    sides = ("harness cold", "harness cached", "datasets.map baseline")
+    assert set(sides) <= set(rows), proc.stdout
+    assert all(float(rows[side][1]) > 0 for side in sides)
+    assert "400 reviews (train 200, test 200)" in proc.stdout
