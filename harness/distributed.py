@@ -160,6 +160,23 @@ def keep_freed_cpu_memory() -> bool:
     )
 
 
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (what oneDNN checks: AVX512-BF16 or AMX)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def precision_warning(device: torch.device, precision: str) -> str | None:
+    """A warning when the precision asked for is much slower than fp32 on this device, else None.
+
+    CPUs without native bf16 (no AVX512-BF16 or AMX: every AVX2-only CPU) run bf16 matmuls through emulation;
+    measured on a 2-core AVX2 EPYC: 20 GFLOP/s for x @ W^T and under 1 for g @ W, against 170 in fp32; a
+    MiniLM training step (16 x 208 tokens) took 53 s in bf16 and 2.3 s in fp32. Training still runs."""
+    if device.type != "cpu" or precision != "bf16" or native_cpu_bf16():
+        return None
+    return ("train.precision=bf16 on a CPU without native bf16 instructions (AVX512-BF16 / AMX): matmuls are "
+            "emulated and training runs many times slower than in fp32; set train.precision=fp32")  # fmt: skip
+
+
 def build_accelerator(cfg: ExperimentConfig) -> Accelerator:
     on_cpu = not torch.cuda.is_available()
     if on_cpu:

@@ -41,6 +41,7 @@ from harness.distributed import (
     agree,
     build_accelerator,
     memory_report,
+    precision_warning,
     torch_optimizer,
     zero_stage,
 )
@@ -218,7 +219,8 @@ def run(cfg: ExperimentConfig, task: Task | None = None) -> dict:
     accelerator = build_accelerator(cfg)
     world, rank = accelerator.num_processes, accelerator.process_index
     log = RunLog(out, accelerator.is_main_process, rank, cfg.logging.progress)
-    for message in early_warnings:
+    slow_precision = precision_warning(accelerator.device, cfg.train.precision)
+    for message in early_warnings + ([slow_precision] if slow_precision else []):
         log.warn(message)
 
     # ---- data and model: every rank validates its inputs, so bad input fails everywhere before any work ----

@@ -13,7 +13,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from harness import cpu_dropout
 from harness.config import ModelConfig
-from harness.cpu_dropout import ATTENTION_NAME, CpuDropout, attention_with_cpu_dropout, dropped_mask
+from harness.cpu_dropout import ATTENTION_NAME, CpuDropout, attention_with_cpu_dropout, kept_mask
 from harness.model import load_tokenizer_and_model
 
 
@@ -21,15 +21,23 @@ from harness.model import load_tokenizer_and_model
 def test_masks_drop_with_the_asked_probability_and_follow_torchs_rng(p):
     n = 1_000_000
     torch.manual_seed(0)
-    first, second = dropped_mask((n,), p), dropped_mask((1000, 1000), p)
+    first, second = kept_mask((n,), p), kept_mask((1000, 1000), p)
     torch.manual_seed(0)
-    again = dropped_mask((n,), p)
-    assert first.dtype == torch.bool and second.shape == (1000, 1000)
+    again = kept_mask((n,), p)
+    assert first.dtype == torch.uint8 and second.shape == (1000, 1000) and set(first.unique().tolist()) == {0, 1}
     assert torch.equal(first, again), "the same torch RNG state gives the same mask"
     assert not torch.equal(first, second.flatten()), "the next mask is a new draw"
     sigma = (p * (1 - p) / n) ** 0.5
     for mask in (first, second):
-        assert abs(mask.float().mean().item() - p) < 5 * sigma
+        assert abs((mask == 0).float().mean().item() - p) < 5 * sigma
+
+
+def test_a_mask_filled_into_a_slice_lands_there_only():
+    keep = torch.full((4, 6), 7, dtype=torch.uint8)
+    cpu_dropout.fill_kept_mask(keep[1:3], 0.5)
+    assert (keep[[0, 3]] == 7).all() and set(keep[1:3].unique().tolist()) <= {0, 1}
+    with pytest.raises(RuntimeError):  # a strided view cannot be filled in place: refused, not silently copied
+        cpu_dropout.fill_kept_mask(keep[:, 1:3], 0.5)
 
 
 def test_dropout_module_keeps_the_expectation_and_masks_its_gradient():
@@ -61,21 +69,26 @@ def attention_inputs(dtype=torch.float32):
     return q, k, v, keep
 
 
-@pytest.mark.parametrize("autocast", [False, True])
-def test_training_attention_equals_softmax_dropout_matmul_with_its_mask(monkeypatch, autocast):
+@pytest.mark.parametrize(("autocast", "chunk"), [(False, 2**19), (True, 2**19), (False, 800), (False, 1)])
+def test_training_attention_equals_softmax_dropout_matmul_with_its_mask(monkeypatch, autocast, chunk):
+    """Forward and the hand-written backward equal autograd over the plain ops, whether the batch goes through
+    in one chunk, in chunks of two sequences (800 scores: 2 x 4 heads x 10 x 10) or one head at a time."""
     masks = []
+    fill = cpu_dropout.fill_kept_mask
 
-    def recording(shape, p):
-        masks.append(dropped_mask(shape, p))
-        return masks[-1]
+    def recording(keep, p):
+        fill(keep, p)
+        masks.append(keep.clone())
 
-    monkeypatch.setattr(cpu_dropout, "dropped_mask", recording)
+    monkeypatch.setattr(cpu_dropout, "fill_kept_mask", recording)
+    monkeypatch.setattr(cpu_dropout, "ATTENTION_CHUNK_ELEMENTS", chunk)
     q, k, v, keep = attention_inputs()
     scale, p = 8**-0.5, 0.3
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out, _ = attention_with_cpu_dropout(bert_like_module(True), q, k, v, keep, dropout=p, scaling=scale)
     assert out.shape == (3, 10, 4, 8) and out.dtype == torch.float32
-    (drop,) = masks
+    assert len(masks) == {2**19: 1, 800: 2, 1: 12}[chunk]  # 3 sequences x 4 heads
+    drop = torch.cat([m.flatten() for m in masks]).view(3, 4, 10, 10) == 0  # chunks come in (sequence, head) order
     grads = torch.autograd.grad(out.square().sum(), (q, k, v))
 
     scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~keep, float("-inf"))

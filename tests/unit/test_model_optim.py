@@ -86,3 +86,15 @@ def test_compile_is_refused_under_a_deepspeed_launch(monkeypatch):
     cfg = config_from_dict({"model": {"name_or_path": "builtin:tiny-bert"}, "train": {"compile": True}})
     with pytest.raises(ConfigError, match="train.compile: not supported under a DeepSpeed launch"):
         build_accelerator(cfg)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(monkeypatch):
+    from harness import distributed
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(distributed, "native_cpu_bf16", lambda: False)
+    message = distributed.precision_warning(cpu, "bf16")
+    assert "train.precision=fp32" in message and "AVX512-BF16" in message
+    assert distributed.precision_warning(cpu, "fp32") is None and distributed.precision_warning(cuda, "bf16") is None
+    monkeypatch.setattr(distributed, "native_cpu_bf16", lambda: True)
+    assert distributed.precision_warning(cpu, "bf16") is None

@@ -1,5 +1,7 @@
 """MFU arithmetic: FLOPs from a model's config, exactly summed over a batch's lengths."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -48,3 +50,20 @@ def test_measured_peak_is_a_plausible_flop_rate_and_leaves_the_rng_alone():
     after = torch.rand(3)
     torch.manual_seed(0)
     assert torch.equal(after, torch.rand(3)), "measuring the peak must not change a run's random draws"
+
+
+@pytest.mark.parametrize("slow_layout", ["x @ W^T", "g @ W"])
+def test_the_faster_of_the_two_matmul_layouts_sets_the_peak(monkeypatch, slow_layout):
+    """CPUs without native bf16 run one layout through a kernel 20x slower than the other; the peak is the
+    faster one's (else MFU would exceed 100%). Here one layout is made 0.2 s slower per call."""
+    real_mm = torch.mm
+
+    def mm(left, right, *, out):
+        transposed = not right.is_contiguous()
+        if transposed == (slow_layout == "x @ W^T"):
+            time.sleep(0.2)
+        return real_mm(left, right, out=out)
+
+    monkeypatch.setattr(torch, "mm", mm)
+    peak = measure_peak_flops("cpu", "fp32", size=256, reps=2)
+    assert peak > 2 * 256**3 / 0.1  # a call took well under the slow layout's 0.2 s
