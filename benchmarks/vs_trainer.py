@@ -20,7 +20,8 @@ from one side into the next.
 
 Usage (from the repository root):
 
-    python benchmarks/vs_trainer.py                          # CPU: MiniLM on 2,000 IMDB reviews, bf16
+    python benchmarks/vs_trainer.py                          # CPU: MiniLM on 2,000 IMDB reviews (precision: auto)
+    python benchmarks/vs_trainer.py --precision bf16         # the same in bf16 (slow on CPUs without native bf16)
     python benchmarks/vs_trainer.py --precision fp32 --train-samples 1000
     python benchmarks/vs_trainer.py --device cuda            # GPU: BERT-base throughput + MiniLM time-to-accuracy
     python benchmarks/vs_trainer.py --smoke                  # seconds: tiny BERT on synthetic text (CI)
@@ -782,7 +783,9 @@ def parse_args(argv: list[str] | None) -> BenchOptions:
     )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cpu: MiniLM on an IMDB slice; cuda: BERT-base throughput + MiniLM time-to-accuracy")  # fmt: skip
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="every side's training precision; auto: bf16 on CUDA and on CPUs that compute bf16 "
+                   "natively (AVX512-BF16 / AMX), fp32 on other CPUs, where bf16 matmuls are emulated")  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="tiny BERT on synthetic text, a few steps (CI; seconds)")
     p.add_argument("--train-samples", type=int, default=None,
                    help="training reviews (default: cpu 2000, cuda all of IMDB train, smoke 48)")  # fmt: skip
@@ -802,8 +805,13 @@ def parse_args(argv: list[str] | None) -> BenchOptions:
         if getattr(a, name) is not None and getattr(a, name) < (8 if name == "max_length" else 1):
             p.error(f"--{name.replace('_', '-')}: too small")
     threads = a.threads or len(os.sched_getaffinity(0))
+    precision = a.precision
+    if precision == "auto":
+        from harness.distributed import native_cpu_bf16
+
+        precision = "bf16" if a.device == "cuda" or native_cpu_bf16() else "fp32"
     return BenchOptions(
-        device=a.device, precision=a.precision, smoke=a.smoke, train_samples=a.train_samples,
+        device=a.device, precision=precision, smoke=a.smoke, train_samples=a.train_samples,
         test_samples=a.test_samples, max_length=a.max_length, repeats=a.repeats, threads=threads,
         data=a.data.expanduser().resolve(), sides=[s for s in SIDES if s in a.sides], out=a.out,
         keep_workdir=a.keep_workdir,

@@ -38,7 +38,7 @@ def number(cell: str) -> float:
 def test_smoke_mode_runs_all_three_sides_on_identical_work(tmp_path):
     out = tmp_path / "report.md"
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--smoke", "--out", str(out)],
+        [sys.executable, str(BENCH), "--smoke", "--precision", "bf16", "--out", str(out)],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=170,
     )  # fmt: skip
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -104,3 +104,14 @@ def test_tokenization_benchmark_runs_on_a_slice_of_imdb():
     assert set(sides) <= set(rows), proc.stdout
     assert all(float(rows[side][1]) > 0 for side in sides)
     assert "400 reviews (train 200, test 200)" in proc.stdout
+
+
+def test_auto_precision_is_bf16_only_where_it_is_native(monkeypatch):
+    from benchmarks.vs_trainer import parse_args
+    from harness import distributed
+
+    for native, cpu_precision in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(distributed, "native_cpu_bf16", lambda native=native: native)
+        assert parse_args([]).precision == cpu_precision
+        assert parse_args(["--device", "cuda"]).precision == "bf16"
+        assert parse_args(["--precision", "bf16"]).precision == "bf16"
