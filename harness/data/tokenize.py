@@ -138,11 +138,23 @@ def tokenize_split(split: LabelledTexts, tokenizer, cfg: DataConfig, with_word_i
         load_from_cache_file=True,
         desc="tokenizing",
     )
-    columns = tokenized.with_format("numpy")
+    table = tokenized.data.table  # the (memory-mapped) Arrow table behind the cache file
     return TokenizedSplit(
-        input_ids=list(columns["input_ids"]),
-        labels=np.asarray(columns["label"], dtype=np.int64),
-        lengths=np.asarray(columns["length"], dtype=np.int64),
-        word_ids=list(columns["word_ids"]) if with_word_ids else None,
+        input_ids=list_rows(table, "input_ids"),
+        labels=table.column("label").to_numpy().astype(np.int64),
+        lengths=table.column("length").to_numpy().astype(np.int64),
+        word_ids=list_rows(table, "word_ids") if with_word_ids else None,
         fields={"features": split.features} if split.features is not None else {},
     )
+
+
+def list_rows(table, name: str) -> list[np.ndarray]:
+    """A list<int32> column as one NumPy view per row into a single flat array.
+
+    datasets' own numpy formatting converts such a column row by row through its formatter (about 17 s for
+    IMDB's 50,000 reviews on 2 cores, which made a cache hit slower than tokenizing); slicing the Arrow buffers
+    takes milliseconds."""
+    column = table.column(name).combine_chunks()
+    flat = column.flatten().to_numpy()  # flatten() honours a sliced array's offset; .values would not
+    offsets = column.offsets.to_numpy()
+    return np.split(flat, offsets[1:-1] - offsets[0])

@@ -9,7 +9,7 @@ from harness.config import DataConfig, ModelConfig
 from harness.data.collate import PadCollator
 from harness.data.sources import DataError, LabelledTexts, load_path_splits, load_synthetic
 from harness.data.splits import cap, split_validation
-from harness.data.tokenize import TokenizedSplit, tokenize_split, truncate
+from harness.data.tokenize import TokenizedSplit, list_rows, tokenize_split, truncate
 from harness.model import TINY_BERT, load_tokenizer_and_model
 
 LABELS = ["neg", "pos"]
@@ -170,6 +170,18 @@ def test_tokenize_adds_specials_truncates_and_caches(tmp_path, tiny_tokenizer, m
     assert len(calls) > tokenizer_calls_on_hit
     assert tokenizer_calls_on_hit <= 2  # only the template probe, never the texts
     assert len(list((tmp_path / "tokenized").glob("*.arrow"))) == 2
+
+
+def test_list_rows_are_the_arrow_rows_for_sliced_and_chunked_tables():
+    import pyarrow as pa
+
+    table = pa.table({"ids": pa.array([[1, 2], [3], [], [4, 5, 6]], type=pa.list_(pa.int32()))})
+    chunked = pa.concat_tables([table, table.slice(1, 3)])  # two chunks, the second a slice with an offset
+    assert chunked.column("ids").num_chunks == 2
+    for t, expected in ((table, [[1, 2], [3], [], [4, 5, 6]]), (table.slice(1, 3), [[3], [], [4, 5, 6]]),
+                        (chunked, [[1, 2], [3], [], [4, 5, 6], [3], [], [4, 5, 6]])):  # fmt: skip
+        rows = list_rows(t, "ids")
+        assert [r.tolist() for r in rows] == expected and all(r.dtype == np.int32 for r in rows)
 
 
 def test_collator_pads_dynamically():
