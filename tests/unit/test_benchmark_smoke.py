@@ -115,3 +115,19 @@ def test_auto_precision_is_bf16_only_where_it_is_native(monkeypatch):
         assert parse_args([]).precision == cpu_precision
         assert parse_args(["--device", "cuda"]).precision == "bf16"
         assert parse_args(["--precision", "bf16"]).precision == "bf16"
+
+
+def test_cpu_step_benchmark_prints_both_variants_under_both_allocator_settings():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "cpu_step.py"), "--steps", "1", "--length", "16", "--batch", "2",
+         "--threads", "1"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines() if "| glibc" in line
+            or "| runtime" in line]  # fmt: skip
+    assert [(r[0], r[1].split()[0]) for r in rows] == [
+        ("glibc defaults", "torch's"), ("glibc defaults", "harness"),
+        ("runtime.keep_freed_cpu_memory", "torch's"), ("runtime.keep_freed_cpu_memory", "harness"),
+    ]  # fmt: skip
+    assert all(number(r[2]) > 0 and number(r[3]) > 0 for r in rows) and rows[0][4] == "1.00x"
