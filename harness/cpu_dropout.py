@@ -75,10 +75,10 @@ class CpuDropout(nn.Dropout):
 ATTENTION_CHUNK_ELEMENTS = 2**19
 """Attention scores per chunk in `DropoutAttention` (2 MiB of fp32): one sequence at MiniLM's IMDB lengths
 (12 heads x 208 x 208), two heads of one at 512 tokens, so a chunk's scores, probabilities and mask stay in
-cache between the steps that use them. Measured on a 2-core EPYC (one layer's forward + backward): at
-16 x 208 tokens, per-sequence chunks and one chunk for the whole batch are within noise (55-70 ms); at
-4 x 512, chunks of 2-8 heads took 105-125 ms, the whole batch at once 117. Head-sized or smaller chunks are
-slower (more, smaller matmuls): 16 x 208 in chunks of 2^15 scores took 140-155 ms."""
+cache between the steps that use them. Measured on a 2-core EPYC (one layer's forward + backward, medians of
+10, the machine's speed drifting by about 20% over the day): at 16 x 208 tokens per-sequence chunks took
+56-86 ms and one chunk for the whole batch about as long; one head per chunk 1.5-1.8x longer (more, smaller
+matmuls); at 4 x 512, chunks of one or two heads 110 ms and the whole batch 132."""
 
 
 class DropoutAttention(torch.autograd.Function):
