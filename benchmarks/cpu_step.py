@@ -114,15 +114,19 @@ def main(argv: list[str] | None = None) -> int:
         for variant in VARIANTS:
             rows.append((setting, variant, statistics.median(seconds[variant])))
     baseline = rows[0][2]  # torch's variant under the first allocator setting
-    print(f"MiniLM training step, fp32, {opts.batch} x up to {opts.length} tokens; median of {opts.steps} "
-          "interleaved steps per variant")
+    print(
+        f"MiniLM training step, fp32, {opts.batch} x up to {opts.length} tokens; median of {opts.steps} "
+        "interleaved steps per variant"
+    )
     print()
     print("| allocator | variant | ms per step | samples/s | speed-up over the first row |")
     print("|---|---|--:|--:|--:|")
     for setting, variant, median in rows:
         allocator = "runtime.keep_freed_cpu_memory" if setting == "keep" else "glibc defaults"
-        print(f"| {allocator} | {LABELS[variant]} | {median * 1000:,.0f} | {opts.batch / median:.2f} | "
-              f"{baseline / median:.2f}x |")
+        print(
+            f"| {allocator} | {LABELS[variant]} | {median * 1000:,.0f} | {opts.batch / median:.2f} | "
+            f"{baseline / median:.2f}x |"
+        )
     return 0
 
 
