@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = ["default", "keep"] if opts.allocator == "both" else [opts.allocator]
     rows = []
     for setting in settings:
-        args = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--allocator")]
-        cmd = [sys.executable, __file__, *args, f"--allocator={setting}", "--json"]
+        cmd = [sys.executable, __file__, f"--batch={opts.batch}", f"--length={opts.length}", f"--steps={opts.steps}",
+               f"--threads={opts.threads}", f"--allocator={setting}", "--json"]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             print(out.stderr[-3000:], file=sys.stderr)
