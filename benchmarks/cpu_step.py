@@ -41,12 +41,12 @@ def measure(opts) -> dict[str, list[float]]:
     from harness.config import ModelConfig
     from harness.cpu_dropout import ATTENTION_NAME, use_fast_cpu_dropout
     from harness.distributed import keep_freed_cpu_memory, set_cpu_threads
-    from harness.model import load_tokenizer_and_model, parameter_groups
+    from harness.model import load_model, parameter_groups
 
     if opts.allocator == "keep":
         keep_freed_cpu_memory()
     set_cpu_threads(opts.threads)
-    _, model = load_tokenizer_and_model(ModelConfig(name_or_path="builtin:all-minilm-l6-v2"), ["neg", "pos"], 0)
+    _, model = load_model(ModelConfig(name_or_path="builtin:all-minilm-l6-v2"), "classifier", ["neg", "pos"], 0)
     use_fast_cpu_dropout(model)
     dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]  # CpuDropout now
     optimizer = torch.optim.AdamW(parameter_groups(model, 0.01), lr=1e-5, fused=True)

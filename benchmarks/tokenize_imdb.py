@@ -31,13 +31,12 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # import the harness from the project root
 
+from benchmarks.workloads import DEFAULT_DATA  # noqa: E402
 from harness.config import DataConfig, ModelConfig  # noqa: E402
 from harness.data.sources import load_raw_splits  # noqa: E402
 from harness.data.tokenize import tokenize_split  # noqa: E402
 from harness.model import load_tokenizer  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = (ROOT.parent / "shared" / "data" / "imdb").resolve()
 TARGETS = {"harness cold": 60.0, "harness cached": 3.0}
 
 

@@ -1,6 +1,14 @@
-"""Model weights (consolidated copies, also under ZeRO-3; reloading; Hugging Face export of `best/` and
-`final/`) and resumable checkpoints. Everything on disk is written atomically: a temporary folder, then a
-rename; a checkpoint counts only once its manifest, written last, is in place."""
+"""Checkpoints and exports: everything a run writes about its model and its progress.
+
+* Model weights: consolidated copies (also under ZeRO-3), reloading, the Hugging Face export of `best/` and
+  `final/`.
+* Resumable checkpoints, `<output_dir>/checkpoints/step-0000120/{state/, trainer_state.json, manifest.json}`.
+* `CheckpointManager`: for one run, the trainer state, when to save (steps, minutes, epoch end, a stop
+  signal), keep-last, the best model's weights, and every compatibility check on resume.
+
+Everything on disk is written atomically: a temporary folder, then a rename; a checkpoint counts only once
+its manifest, written last, is in place.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +16,28 @@ import hashlib
 import json
 import os
 import shutil
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from harness.distributed import zero_stage
+from harness.config import ConfigError, ExperimentConfig
+from harness.console import LossWindow, RunLog
+from harness.data.sampler import EpochPlanner, StepLayout
+from harness.distributed import EXIT_REQUEUE, RunPlace, StopRequest
+from harness.evaluation import BestSoFar
 
 
-def state_dict_copy(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def state_dict_copy(accelerator: Accelerator, model: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:
     """A CPU copy of the full model weights on every rank, consolidated where ZeRO-3 shards them.
 
     Called on every rank: under ZeRO-3, gathering the weights is a collective operation.
     """
     module = accelerator.unwrap_model(model)
-    if zero_stage(accelerator) == 3:
+    if zero_stage == 3:
         import deepspeed
 
         # Gather the partitions (read-only), copy, and let them be re-partitioned on exit.
@@ -32,10 +46,12 @@ def state_dict_copy(accelerator: Accelerator, model: torch.nn.Module) -> dict[st
     return {name: t.detach().to("cpu", copy=True) for name, t in module.state_dict().items()}
 
 
-def load_weights(accelerator: Accelerator, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_weights(
+    accelerator: Accelerator, model: torch.nn.Module, state: dict[str, torch.Tensor], zero_stage: int
+) -> None:
     """Put full weights (from `state_dict_copy`) back into the model on every rank, sharded or not."""
     module = accelerator.unwrap_model(model)
-    if zero_stage(accelerator) == 3:
+    if zero_stage == 3:
         import deepspeed
 
         # Rank 0 writes the gathered parameters; on exit DeepSpeed re-partitions them from rank 0.
@@ -79,6 +95,8 @@ def export_model(
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 STEP_DIR_PREFIX = "step-"
+BEST_IN_CHECKPOINT = "best_model.safetensors"
+"""The best model so far, saved in every checkpoint so that a resumed run can still test it."""
 
 
 class CheckpointError(ValueError):
@@ -121,7 +139,7 @@ def save_checkpoint(
     accelerator: Accelerator,
     checkpoints_dir: Path,
     step: int,
-    trainer_state: dict,
+    trainer_state: str,
     manifest_info: dict,
     extra_weights: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
@@ -143,7 +161,7 @@ def save_checkpoint(
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp / "state"))  # model, optimizer, scheduler, scaler, every rank's RNG
         if accelerator.is_main_process:
-            (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
+            (tmp / TRAINER_STATE).write_text(trainer_state)
             for name, weights in (extra_weights or {}).items():
                 save_file(weights, str(tmp / name))
     except OSError as exc:
@@ -224,3 +242,205 @@ def prune_checkpoints(checkpoints_dir: Path, keep_last: int, protected_steps: se
     for path in complete[: max(0, len(complete) - keep_last)]:
         if int(path.name[len(STEP_DIR_PREFIX) :]) not in protected_steps:
             shutil.rmtree(path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One run's checkpoints
+# ----------------------------------------------------------------------------------------------------
+
+
+class Preempted(Exception):
+    """Stopped by SIGTERM/SIGUSR1 after writing a checkpoint; the same command resumes the run."""
+
+
+@dataclass
+class TrainState:
+    """Progress a resumed run needs besides model, optimizer, scheduler and RNG (saved in trainer_state.json)."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+    """Global steps of the current epoch plan already run."""
+    consumed_before_plan: list[int] | None = None
+    """Examples of this epoch consumed before the current plan (only after resuming with another world size)."""
+    layout: list[int] = field(default_factory=list)
+    """[batch_size, world_size, grad_accum, max_tokens] the plan was made with (older checkpoints: 3 values)."""
+    examples_seen: int = 0
+    tokens_seen: int = 0
+    window_loss_per_rank: list[float] = field(default_factory=list)
+    """Each rank's summed loss since the last train log line."""
+    window_weight: int = 0
+    """What the window's summed loss is divided by: the steps' weights (examples, or predicted tokens)."""
+    nonfinite_streak: int = 0
+    skipped_steps: int = 0
+    last_eval_step: int = -1
+    best: BestSoFar | None = None
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainState:
+        values = json.loads(text)
+        best = values.pop("best", None)
+        return cls(**values, best=BestSoFar(**best) if best else None)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    def finish_step(self, examples: int, tokens: int) -> None:
+        self.step += 1
+        self.position += 1
+        self.examples_seen += examples
+        self.tokens_seen += tokens
+
+    def next_epoch(self) -> None:
+        self.epoch, self.position, self.consumed_before_plan = self.epoch + 1, 0, None
+
+
+def layout_list(layout: StepLayout) -> list[int]:
+    return [layout.batch_size, layout.world_size, layout.grad_accum, layout.max_tokens]
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    path: Path
+    manifest: dict
+
+
+def find_resume_point(cfg: ExperimentConfig, warn) -> ResumePoint | None:
+    """Decide between a fresh start and a resume, refusing anything that would lose a user's files: the
+    checkpoint named by checkpoint.resume, or (auto) the newest intact one in output_dir, or None for a fresh
+    start into an empty (or overwritable) output_dir."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError([f"output_dir {out}: exists and is not a folder"])
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "none") and not cfg.overwrite:
+        try:
+            return ResumePoint(Path(resume), verify_checkpoint(Path(resume)))
+        except CheckpointError as exc:
+            raise ConfigError([f"checkpoint.resume: {exc}"]) from exc
+    if resume == "auto" and not cfg.overwrite:
+        found = find_resume_checkpoint(out / "checkpoints", warn)
+        if found is not None:
+            return ResumePoint(*found)
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        raise ConfigError(
+            [f"output_dir {out}: not empty and holds no checkpoint to resume; pass overwrite=true to replace it"]
+        )
+    return None
+
+
+class CheckpointManager:
+    """One run's checkpoints: the trainer state, when to save, keep-last, the best model's weights, resume.
+
+    A checkpoint is due every `checkpoint.every_steps` steps, every `checkpoint.every_minutes` minutes (each
+    rank's clock; the loop makes the ranks agree), at each epoch end but the last, and at a stop signal (then
+    the run ends with `Preempted`). Every checkpoint carries the best model so far, so that a resumed run
+    tests the same model an uninterrupted one would."""
+
+    def __init__(self, cfg: ExperimentConfig, accelerator: Accelerator, place: RunPlace, log: RunLog,
+                 stop: StopRequest, tokenizer):  # fmt: skip
+        self.cfg = cfg
+        self.accelerator = accelerator
+        self.place = place
+        self.log = log
+        self.stop = stop
+        self.tokenizer = tokenizer
+        self.out = Path(cfg.output_dir)
+        self.dir = self.out / "checkpoints"
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self._last_save = time.monotonic()
+
+    # -- resume ------------------------------------------------------------------------------------------
+    def restore_state(self, resume: ResumePoint, layout: StepLayout, planner: EpochPlanner) -> TrainState:
+        """The checkpoint's trainer state, after checking the checkpoint fits this run; a changed batch layout
+        (another world size) continues from the same sample position of the epoch."""
+        path, manifest = resume.path, resume.manifest
+        problems = []
+        if manifest.get("model") != self.cfg.model.name_or_path:
+            problems.append(f"model.name_or_path: the checkpoint {path} trained {manifest.get('model')!r}, "
+                            f"this run asks for {self.cfg.model.name_or_path!r}")  # fmt: skip
+        stage = self.place.zero_stage
+        if manifest.get("zero_stage", 0) != stage:
+            problems.append(f"ZeRO stage: the checkpoint {path} was saved under stage {manifest.get('zero_stage', 0)}, "
+                            f"this run uses stage {stage}; resume it with the same launch config")  # fmt: skip
+        elif manifest.get("world_size") != layout.world_size and stage:
+            problems.append(f"world size: the checkpoint {path} holds ZeRO state sharded over "
+                            f"{manifest.get('world_size')} ranks; resume it with that many processes")  # fmt: skip
+        if problems:
+            raise ConfigError(problems, "resume")
+        state = TrainState.from_json((path / TRAINER_STATE).read_text())
+        old = StepLayout(*state.layout)
+        if old != layout:
+            # Continue from the same global sample position: what the old plan consumed this epoch is excluded.
+            old_plan = planner.with_layout(old).plan(state.epoch, state.consumed_before_plan)
+            consumed = list(state.consumed_before_plan or []) + [
+                i for step in old_plan[: state.position] for mb in step for i in mb
+            ]
+            self.log.info(f"resuming with batch/world/accum {layout.batch_size}/{layout.world_size}/"
+                          f"{layout.grad_accum} (was {old.batch_size}/{old.world_size}/{old.grad_accum}): "
+                          f"continuing epoch {state.epoch} after its first {len(consumed)} examples")  # fmt: skip
+            state.consumed_before_plan, state.position = consumed, 0
+            state.layout = layout_list(layout)
+            state.window_loss_per_rank = [sum(state.window_loss_per_rank)] + [0.0] * (layout.world_size - 1)
+        self.log.info(f"resuming from {path} (step {state.step}, epoch {state.epoch}, position {state.position})")
+        return state
+
+    def load(self, resume: ResumePoint) -> None:
+        """Model, optimizer, scheduler, scaler and every RNG from the checkpoint (after `prepare`), and the best
+        model's weights."""
+        self.accelerator.load_state(str(resume.path / "state"))
+        if (resume.path / BEST_IN_CHECKPOINT).is_file():
+            self.best_weights = load_file(str(resume.path / BEST_IN_CHECKPOINT))
+
+    # -- saving ------------------------------------------------------------------------------------------
+    def time_due(self) -> bool:
+        """Whether checkpoint.every_minutes has passed on this rank's clock since the last save."""
+        minutes = self.cfg.checkpoint.every_minutes
+        return minutes > 0 and time.monotonic() - self._last_save >= minutes * 60
+
+    def after_step(self, state: TrainState, window: LossWindow, end_of_epoch: bool, last_step: bool, stop_now: bool,
+                   time_due: bool) -> None:  # fmt: skip
+        """Save if a checkpoint is due after this step; at a stop signal, save and raise `Preempted`."""
+        c = self.cfg.checkpoint
+        if stop_now:
+            path = self.save(state, window, f"signal {self.stop.signal_name}")
+            seconds = time.monotonic() - self.stop.requested_at
+            self.log.stop_progress()
+            self.log.info(f"{self.stop.signal_name}: checkpoint {path} written {seconds:.1f} s after the signal; "
+                          f"exiting with code {EXIT_REQUEUE} (run the same command to resume)")  # fmt: skip
+            self.log.record("preempted", step=state.step, signal=self.stop.signal_name,
+                            seconds_to_checkpoint=round(seconds, 3))  # fmt: skip
+            raise Preempted(str(path))
+        periodic = (c.every_steps > 0 and state.step % c.every_steps == 0) or time_due
+        if periodic or (end_of_epoch and c.at_epoch_end and not last_step):
+            self.save(state, window, "epoch end" if end_of_epoch else "periodic")
+
+    def save(self, state: TrainState, window: LossWindow, reason: str) -> Path:
+        """A complete checkpoint of this step (collective: every rank calls it)."""
+        state.window_loss_per_rank, state.window_weight = window.per_rank(), window.weight
+        manifest = {"epoch": state.epoch, "position": state.position, "world_size": self.place.world_size,
+                    "reason": reason, "config_fingerprint": self.cfg.fingerprint(), "model": self.cfg.model.name_or_path,
+                    "zero_stage": self.place.zero_stage}  # fmt: skip
+        extra = {BEST_IN_CHECKPOINT: self.best_weights} if self.best_weights is not None else None
+        path = save_checkpoint(self.accelerator, self.dir, state.step, state.to_json(), manifest, extra)
+        if self.place.is_main:
+            best_step = state.best.step if state.best else -1
+            prune_checkpoints(self.dir, self.cfg.checkpoint.keep_last, protected_steps={best_step})
+        self.log.record("checkpoint", step=state.step, path=str(path), reason=reason)
+        self._last_save = time.monotonic()
+        return path
+
+    # -- exports and the best model ---------------------------------------------------------------------
+    def keep_best(self, model: torch.nn.Module) -> None:
+        """Remember the model's current weights as the best and export them to best/ (collective)."""
+        self.best_weights = state_dict_copy(self.accelerator, model, self.place.zero_stage)
+        export_model(self.accelerator, model, self.tokenizer, self.best_weights, self.out / "best")
+
+    def export_final(self, model: torch.nn.Module) -> None:
+        """The model as it is now to final/ (collective)."""
+        weights = state_dict_copy(self.accelerator, model, self.place.zero_stage)
+        export_model(self.accelerator, model, self.tokenizer, weights, self.out / "final")
+
+    def restore_best(self, model: torch.nn.Module) -> None:
+        """Put the best weights back into the model (collective)."""
+        load_weights(self.accelerator, model, self.best_weights, self.place.zero_stage)

@@ -61,9 +61,10 @@ def main_entry(
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     # Imported only now: a config error is reported in a fraction of a second, before torch loads.
-    from harness.checkpoint import CheckpointSaveError
+    from harness.checkpoint import CheckpointSaveError, Preempted
     from harness.data.sources import DataError
-    from harness.loop import EXIT_REQUEUE, NonFiniteLoss, Preempted
+    from harness.distributed import EXIT_REQUEUE
+    from harness.loop import NonFiniteLoss
     from harness.model import ModelError
 
     try:

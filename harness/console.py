@@ -15,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -144,3 +145,36 @@ class RunLog:
         for split, values in rows.items():
             table.add_row(split, *(f"{values[n]:.4f}" if n in values else "" for n in names))
         self.console.print(table)
+
+
+class LossWindow:
+    """The training loss since the last log line: each rank sums its steps' losses on the device (no host sync
+    per step) and the steps' weights; the ranks' sums are read only when a line is logged or a checkpoint saved."""
+
+    def __init__(self, accelerator, per_rank: list[float], weight: int):
+        self.accelerator = accelerator
+        start = per_rank[accelerator.process_index] if per_rank else 0.0
+        self.loss_sum = torch.tensor(start, device=accelerator.device)
+        self.weight = weight
+
+    def add(self, step_loss: torch.Tensor, weight: int) -> None:
+        self.loss_sum += step_loss
+        self.weight += weight
+
+    def skip(self, weight: int) -> None:
+        """A skipped step's weight still counts (as when it is logged: the window's steps, applied or not)."""
+        self.weight += weight
+
+    def mean(self) -> float:
+        """The window's loss over all ranks; then a new window starts. Host sync: one all-reduce and one read."""
+        total = self.accelerator.reduce(self.loss_sum, reduction="sum").item()
+        loss = total / max(1, self.weight)
+        self.loss_sum.zero_()
+        self.weight = 0
+        return loss
+
+    def per_rank(self) -> list[float]:
+        """Each rank's summed loss so far (for a checkpoint). Collective: every rank calls it."""
+        from accelerate.utils import gather_object
+
+        return [float(v) for v in gather_object([self.loss_sum.item()])]

@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -177,12 +177,17 @@ def precision_warning(device: torch.device, precision: str) -> str | None:
             "emulated and training runs many times slower than in fp32; set train.precision=fp32")  # fmt: skip
 
 
-def build_accelerator(cfg: ExperimentConfig) -> Accelerator:
+def build_accelerator(cfg: ExperimentConfig) -> tuple[Accelerator, RunPlace]:
+    """The run's Accelerator and its place (world, rank, device, ZeRO stage, device-dependent choices), decided
+    here once and passed down."""
     on_cpu = not torch.cuda.is_available()
     if on_cpu:
         set_cpu_threads(cfg.runtime.cpu_threads)
         if cfg.runtime.keep_freed_cpu_memory:
             keep_freed_cpu_memory()
+        # DeepSpeed (imported by Accelerate on some paths) probes for accelerators and warns "Setting accelerator
+        # to CPU ... unable to detect it" in every process when none is found; on a CPU run that is the answer.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if cfg.train.precision == "fp16" and on_cpu:
         raise ConfigError(["train.precision: fp16 needs a CUDA GPU (loss scaling); use bf16 or fp32 on CPU"])
     # A collective waiting on a dead or hung rank fails after this, instead of hanging forever.
@@ -216,7 +221,7 @@ def build_accelerator(cfg: ExperimentConfig) -> Accelerator:
             f"{accelerator.num_processes}; check the launch command"
         )
     set_seed(cfg.seed)
-    return accelerator
+    return accelerator, RunPlace.of(accelerator, cfg)
 
 
 TRACKER_DIR = "trackers"
@@ -241,26 +246,56 @@ def check_trackers(names: list[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class RunPlace:
-    """Where a run executes, for logs and results.json."""
+    """Where a run executes and what follows from it, decided once (in `build_accelerator`) and passed down:
+    nothing else probes the device, the world or the ZeRO stage again."""
 
     world_size: int
-    threads: int
+    rank: int
+    is_main: bool
+    device: torch.device
     distributed_type: str
-    device: str
     backend: str | None
+    zero_stage: int
+    """0 without DeepSpeed."""
     precision: str
+    threads: int
+    """Torch threads per process."""
+    pad_multiple: int | None
+    """Batches padded to a multiple of this: 8 on GPUs (tensor cores); None (the exact longest) elsewhere."""
+    pin_memory: bool
+    """DataLoaders pin host memory (GPUs: asynchronous copies)."""
+    fast_cpu_dropout: bool
+    """The CPU speed path (train.fast_cpu_dropout): on CPU only, and not under torch.compile (compiled graphs
+    draw their own masks)."""
 
     @classmethod
-    def of(cls, accelerator: Accelerator, precision: str) -> RunPlace:
+    def of(cls, accelerator: Accelerator, cfg: ExperimentConfig) -> RunPlace:
         state = accelerator.state
+        device = accelerator.device
+        on_gpu = device.type == "cuda"
         return cls(
             world_size=accelerator.num_processes,
-            threads=torch.get_num_threads(),
+            rank=accelerator.process_index,
+            is_main=accelerator.is_main_process,
+            device=device,
             distributed_type=str(state.distributed_type).split(".")[-1],
-            device=str(accelerator.device),
             backend=getattr(state, "backend", None),
-            precision=precision,
+            zero_stage=zero_stage(accelerator),
+            precision=cfg.train.precision,
+            threads=torch.get_num_threads(),
+            pad_multiple=8 if on_gpu else None,
+            pin_memory=on_gpu,
+            fast_cpu_dropout=device.type == "cpu" and cfg.train.fast_cpu_dropout and not cfg.train.compile,
         )
+
+    def record(self) -> dict[str, Any]:
+        """The place as JSON values (metrics.jsonl's setup event)."""
+        return {**{k: v for k, v in asdict(self).items() if k not in ("device", "is_main")}, "device": str(self.device)}
+
+    def describe(self) -> str:
+        return (f"world size {self.world_size} ({self.distributed_type}, {self.backend or 'no backend'}) on "
+                f"{self.device} ({self.threads} thread{'s' if self.threads != 1 else ''} per process), "
+                f"precision {self.precision}")  # fmt: skip
 
 
 def torch_optimizer(optimizer) -> torch.optim.Optimizer:
@@ -283,14 +318,13 @@ def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def memory_report(accelerator: Accelerator, model: torch.nn.Module, optimizer) -> dict[str, int]:
+def memory_report(model: torch.nn.Module, optimizer, stage: int) -> dict[str, int]:
     """Bytes this rank holds, read from the live model and optimizer after the first optimizer step (optimizer
     state is created lazily): parameters, gradients, optimizer moments and, under ZeRO, fp32 master partitions.
 
     Gradients: without ZeRO and under ZeRO-1 each rank keeps a full gradient per trainable parameter; under
     ZeRO-2/3 only the partition it updates, the size of its fp32 partition."""
-    stage = zero_stage(accelerator)
-    params = list(accelerator.unwrap_model(model).parameters())
+    params = list(model.parameters())
     if stage == 3:  # each rank keeps its partition in ds_tensor; p.data is an empty placeholder
         param_bytes = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in params)
     else:
@@ -313,13 +347,18 @@ def memory_report(accelerator: Accelerator, model: torch.nn.Module, optimizer) -
     }
 
 
+EXIT_REQUEUE = 75
+"""sysexits' EX_TEMPFAIL: stopped by a signal (after a checkpoint, where there was progress to save); the same
+command resumes the run."""
+
+
 class StopRequest:
     """SIGTERM / SIGUSR1 (what SLURM sends before preemption or the time limit) ask the run to stop at the next
     step boundary with a checkpoint; a second signal exits at once with the requeue code."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self, exit_code: int):
+    def __init__(self, exit_code: int = EXIT_REQUEUE):
         self.exit_code = exit_code
         self.requested_at: float | None = None
         self.signal_name = ""
@@ -341,9 +380,17 @@ class StopRequest:
         return self.requested_at is not None
 
 
-def agree(accelerator: Accelerator, flags: list[bool]) -> list[bool]:
-    """Each flag is true on every rank if it is true on any rank (one small all-reduce; a host sync point)."""
-    local = torch.tensor([float(f) for f in flags], device=accelerator.device)
+def agree(accelerator: Accelerator, host_flags: list[bool], device_flags: list[torch.Tensor]) -> list[bool]:
+    """Each flag is true on every rank if it is true on any rank: the host's flags (signals, clocks) and the
+    device's (0-dim bool tensors, e.g. a non-finite loss) in one small all-reduce.
+
+    Host sync: the one read of the result. The host flags travel to the device from pinned memory without a
+    sync of their own, so a step that calls this once waits for the device once."""
+    device = accelerator.device
+    host = torch.tensor(host_flags, dtype=torch.float32)
+    if device.type == "cuda":
+        host = host.pin_memory().to(device, non_blocking=True)
+    flags = torch.cat([host, torch.stack([f.reshape(()).float() for f in device_flags])]) if device_flags else host
     if accelerator.num_processes > 1:
-        local = accelerator.reduce(local, reduction="sum")
-    return [bool(v) for v in local.cpu().tolist()]
+        flags = accelerator.reduce(flags, reduction="sum")
+    return [bool(v) for v in flags.tolist()]  # host sync: host flags first, then the device's

@@ -7,10 +7,11 @@ numbers equal a single process's on the same set: nothing is duplicated or dropp
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-import evaluate
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -25,16 +26,40 @@ METRIC_MODULE = Path(__file__).parent / "metrics" / "classification.py"
 LOWER_IS_BETTER = {"loss"}
 
 
-def load_metric(accelerator: Accelerator) -> evaluate.EvaluationModule:
-    # The main process copies the module into evaluate's cache first, so ranks do not race on it.
-    with accelerator.main_process_first():
-        return evaluate.load(str(METRIC_MODULE), keep_in_memory=True)
+@functools.cache
+def load_metric(module: Path = METRIC_MODULE):
+    """A metric module shipped with the package (by path: `evaluate.load` of a hub name needs the network),
+    loaded once per process, at the first evaluation: importing `evaluate` costs a process about a second."""
+    import evaluate
+
+    # evaluate copies the module into its cache under a file lock, so every rank may load it at once;
+    # keep_in_memory: predictions are kept in memory, not in Arrow files beside it.
+    return evaluate.load(str(module), keep_in_memory=True)
 
 
 def is_improvement(value: float, best: float | None, metric: str) -> bool:
     if best is None:
         return True
     return value < best if metric in LOWER_IS_BETTER else value > best
+
+
+@dataclass
+class BestSoFar:
+    """The best validation result so far and the early-stopping count."""
+
+    metric: str
+    value: float | None = None
+    step: int = -1
+    validation: dict | None = None
+    evals_without_improvement: int = 0
+
+    def update(self, step: int, scores: dict) -> bool:
+        if is_improvement(scores[self.metric], self.value, self.metric):
+            self.value, self.step, self.validation = scores[self.metric], step, scores
+            self.evals_without_improvement = 0
+            return True
+        self.evals_without_improvement += 1
+        return False
 
 
 @torch.no_grad()
@@ -46,6 +71,7 @@ def gather_example_records(
     batch_size: int,
     score_batch: Callable[[torch.nn.Module, dict], dict[str, torch.Tensor]],
     num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> dict[str, np.ndarray]:
     """Run `score_batch` (per-example values, each of shape [batch]) over the split, sharded over ranks;
     returns every example's values in example order, on every rank."""
@@ -55,7 +81,7 @@ def gather_example_records(
         batch_sampler=plan.batches,
         collate_fn=collator,
         num_workers=num_workers,
-        pin_memory=accelerator.device.type == "cuda",
+        pin_memory=pin_memory,
         generator=torch.Generator(),  # never draw from the global RNG (keeps training resumable bit for bit)
     )
     was_training = model.training
@@ -101,14 +127,14 @@ def evaluate_split(
     split: TokenizedSplit,
     collator: Callable,
     accelerator: Accelerator,
-    metric: evaluate.EvaluationModule,
     batch_size: int,
     num_labels: int,
     num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> dict[str, float]:
     """Loss, accuracy, precision, recall, macro and micro F1 of `model` on `split`, identical on every rank."""
     records = gather_example_records(
-        model, split, collator, accelerator, batch_size, classification_scores, num_workers
+        model, split, collator, accelerator, batch_size, classification_scores, num_workers, pin_memory
     )
-    scores = metric.compute(predictions=records["prediction"], references=split.labels, num_labels=num_labels)
+    scores = load_metric().compute(predictions=records["prediction"], references=split.labels, num_labels=num_labels)
     return {"loss": float(records["loss"].mean()), **scores, "samples": len(split)}

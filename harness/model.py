@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
+from transformers import BertForMaskedLM, BertModel
+from transformers.modeling_outputs import MaskedLMOutput
+from transformers.models.bert.modeling_bert import BertOnlyMLMHead, BertPreTrainedModel
 
 from harness.config import ModelConfig
 
@@ -41,7 +45,7 @@ def tiny_bert_vocab() -> dict[str, int]:
 
 
 def tiny_bert_config(labels: list[str], cfg: ModelConfig):
-    """The tokenizer and config of `builtin:tiny-bert`."""
+    """The tokenizer and config of `builtin:tiny-bert` (dropout overrides are `load_model`'s)."""
     from transformers import BertConfig, BertTokenizer
 
     vocab = tiny_bert_vocab()
@@ -55,20 +59,12 @@ def tiny_bert_config(labels: list[str], cfg: ModelConfig):
         classifier_dropout=cfg.classifier_dropout,
         **TINY_BERT_SIZES,
     )
-    if cfg.dropout is not None:
-        config.hidden_dropout_prob = config.attention_probs_dropout_prob = cfg.dropout
-    config._attn_implementation = cfg.attn_implementation
     return tokenizer, config
 
 
-def _build_tiny_bert(labels: list[str], seed: int, cfg: ModelConfig):
-    from transformers import BertForSequenceClassification
-
-    tokenizer, config = tiny_bert_config(labels, cfg)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)  # same random weights on every rank and every run
-        model = BertForSequenceClassification(config)
-    return tokenizer, model
+ModelKind = Literal["classifier", "masked-lm", "encoder"]
+"""What `load_model` builds around the encoder: a sequence classifier (a new head where the checkpoint's does
+not fit the labels), a masked-language model (its head loaded, or new), or the bare encoder."""
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -81,53 +77,92 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_tokenizer_and_model(cfg: ModelConfig, labels: list[str], seed: int):
-    """Tokenizer and sequence classifier whose head has one output per label (a new head if sizes differ)."""
-    if cfg.name_or_path == TINY_BERT:
-        tokenizer, model = _build_tiny_bert(labels, seed, cfg)
-    else:
-        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+def load_model(
+    cfg: ModelConfig, kind: ModelKind, labels: list[str] | None = None, seed: int = 0, from_config=None
+) -> tuple[object, nn.Module]:
+    """The tokenizer and model of `model.name_or_path` as a `kind` model, with the config's dropout, attention
+    and freezing applied: the one loader of the fine-tuning and pre-training tasks, the multimodal text
+    encoder and the benchmarks.
 
-        path = resolve_model_path(cfg.name_or_path)
-        if Path(path).exists() and not (Path(path) / "config.json").is_file():
-            raise ModelError(f"model.name_or_path {path}: not a model folder (no config.json)")
-        if (Path(path) / FUSION_FILE).is_file():
-            raise ModelError(
-                f"model.name_or_path {path}: a multimodal export ({FUSION_FILE}); "
-                "set model.modalities (and data.feature_columns) as in the run that made it"
-            )
-        try:
-            config = AutoConfig.from_pretrained(path)
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"model.name_or_path {path}: cannot load a model from it: {exc}") from exc
-        extra = {}
+    Weights come from the checkpoint; parts it lacks (a new head) are initialised from `seed`, the same on
+    every rank. `builtin:tiny-bert` is random throughout. `from_config` builds the architecture of that config
+    without weights (a multimodal export's encoder, whose weights are loaded afterwards)."""
+    label_args = {}
+    if kind == "classifier":
+        labels = labels or []
+        label_args = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                          label2id={name: i for i, name in enumerate(labels)})  # fmt: skip
+    if cfg.name_or_path == TINY_BERT or from_config is not None:
+        if from_config is not None:
+            tokenizer, config = None, from_config
+        else:
+            tokenizer, config = tiny_bert_config(labels or ["unused", "labels"], cfg)
+        for key, value in {**label_args, **dropout_overrides(config, cfg)}.items():
+            setattr(config, key, value)
+        config._attn_implementation = cfg.attn_implementation
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)  # same random weights on every rank and every run
+            # The class itself, not Auto*.from_config: under ZeRO-3 from_config builds inside deepspeed.zero.Init,
+            # which initialises the partitioned weights differently on each world size.
+            model = model_class(kind, config)(config)
+        apply_freezing(model, cfg)
+        return tokenizer, model
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = resolve_model_path(cfg.name_or_path)
+    if Path(path).exists() and not (Path(path) / "config.json").is_file():
+        raise ModelError(f"model.name_or_path {path}: not a model folder (no config.json)")
+    if (Path(path) / FUSION_FILE).is_file() and kind != "encoder":
+        raise ModelError(
+            f"model.name_or_path {path}: a multimodal export ({FUSION_FILE}); "
+            "set model.modalities (and data.feature_columns) as in the run that made it"
+        )
+    try:
+        config = AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model.name_or_path {path}: cannot load a model from it: {exc}") from exc
+    extra = {**label_args, **dropout_overrides(config, cfg)}
+    if kind == "classifier":
+        extra["ignore_mismatched_sizes"] = True  # a checkpoint with another head size gets a fresh head
         if cfg.classifier_dropout is not None:
             if not hasattr(config, "classifier_dropout"):
                 raise ModelError(f"model.classifier_dropout: {type(config).__name__} has no classifier_dropout")
             extra["classifier_dropout"] = cfg.classifier_dropout
-        extra.update(dropout_overrides(config, cfg))
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)  # the new head's initialisation is part of the run's seed
-            try:
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    path,
-                    num_labels=len(labels),
-                    id2label=dict(enumerate(labels)),
-                    label2id={name: i for i, name in enumerate(labels)},
-                    ignore_mismatched_sizes=True,  # a checkpoint with another head size gets a fresh head
-                    attn_implementation=cfg.attn_implementation,
-                    dtype=torch.float32,  # master weights stay fp32; mixed precision is autocast's job
-                    **extra,
-                )
-            except (OSError, ValueError) as exc:
-                raise ModelError(f"model.name_or_path {path}: cannot load a model from it: {exc}") from exc
+    elif kind == "masked-lm" and tokenizer.mask_token_id is None:
+        raise ModelError(f"model.name_or_path {path}: the tokenizer has no mask token; it cannot do masked-LM")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # a new head's initialisation is part of the run's seed
+        try:
+            model = model_class(kind, config).from_pretrained(
+                path,
+                attn_implementation=cfg.attn_implementation,
+                dtype=torch.float32,  # master weights stay fp32; mixed precision is autocast's job
+                **extra,
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"model.name_or_path {path}: cannot load a {kind} model from it: {exc}") from exc
     apply_freezing(model, cfg)
     return tokenizer, model
 
 
+def model_class(kind: ModelKind, config) -> type[nn.Module]:
+    """The transformers class of a `kind` model for this config's family (BERT's masked-LM: ours, above)."""
+    from transformers.models.auto import modeling_auto as auto
+
+    if kind == "masked-lm" and config.model_type == "bert":
+        return BertForMaskedLMPretraining
+    mapping = {"classifier": auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, "masked-lm": auto.MODEL_FOR_MASKED_LM_MAPPING,
+               "encoder": auto.MODEL_MAPPING}[kind]  # fmt: skip
+    try:
+        return mapping[type(config)]
+    except KeyError:
+        raise ModelError(f"model.name_or_path: transformers has no {kind} model for {type(config).__name__}") from None
+
+
 def dropout_overrides(config, cfg: ModelConfig) -> dict[str, float]:
-    """from_pretrained keyword arguments that set the encoder's dropout (model.dropout), if given."""
+    """Config attributes that set the encoder's dropout (model.dropout), if given."""
     if cfg.dropout is None:
         return {}
     keys = next((k for k in ENCODER_DROPOUT_KEYS if all(hasattr(config, a) for a in k)), None)
@@ -205,3 +240,30 @@ def compiled_graph_count() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
+
+
+IGNORE = -100
+"""Label of a position that is not predicted (cross_entropy's default ignore_index)."""
+
+
+class BertForMaskedLMPretraining(BertForMaskedLM):
+    """BERT's masked-LM model with two changes for continued pre-training.
+
+    * The pooler is kept, frozen: BertForMaskedLM drops it, so a classifier fine-tuned from the export would
+      start from a random pooler instead of the checkpoint's.
+    * Given `labels`, logits are computed at the predicted positions only ([predicted, vocab] rather than
+      [batch, length, vocab]): for a small encoder the vocabulary projection costs as much as the encoder.
+    """
+
+    def __init__(self, config):
+        BertPreTrainedModel.__init__(self, config)  # BertForMaskedLM's own __init__ builds a pooler-less encoder
+        self.bert = BertModel(config, add_pooling_layer=True)
+        self.cls = BertOnlyMLMHead(config)
+        self.post_init()
+        self.bert.pooler.requires_grad_(False)  # not used by the MLM loss; carried to the export unchanged
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        if labels is None:
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden = self.bert(input_ids, attention_mask=attention_mask, return_dict=True, **kwargs).last_hidden_state
+        return MaskedLMOutput(logits=self.cls(hidden[labels != IGNORE]))  # [predicted, vocab]

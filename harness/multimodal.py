@@ -34,15 +34,7 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from harness.config import ExperimentConfig
-from harness.model import (
-    FUSION_FILE,
-    TINY_BERT,
-    ModelError,
-    apply_freezing,
-    dropout_overrides,
-    resolve_model_path,
-    tiny_bert_config,
-)
+from harness.model import FUSION_FILE, ModelError, load_model
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -92,25 +84,8 @@ class TextEncoder(nn.Module):
 
 @register_modality("text", inputs=("input_ids", "attention_mask"))
 def text_encoder(cfg: ExperimentConfig, context: dict) -> nn.Module:
-    from transformers import AutoModel, BertModel
-
-    if context.get("text_config") is not None:  # reloading an export: the weights come from its safetensors
-        encoder = AutoModel.from_config(context["text_config"], attn_implementation=cfg.model.attn_implementation)
-    elif cfg.model.name_or_path == TINY_BERT:
-        _, config = tiny_bert_config(cfg.data.labels, cfg.model)
-        encoder = BertModel(config)
-    else:
-        path = resolve_model_path(cfg.model.name_or_path)
-        try:
-            from transformers import AutoConfig
-
-            extra = dropout_overrides(AutoConfig.from_pretrained(path), cfg.model)
-            encoder = AutoModel.from_pretrained(
-                path, attn_implementation=cfg.model.attn_implementation, dtype=torch.float32, **extra
-            )
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"model.name_or_path {path}: cannot load a text encoder from it: {exc}") from exc
-    apply_freezing(encoder, cfg.model)
+    # Reloading an export (context's text_config): the architecture only; the weights come from its safetensors.
+    _, encoder = load_model(cfg.model, "encoder", seed=cfg.seed, from_config=context.get("text_config"))
     return TextEncoder(encoder)
 
 
@@ -199,8 +174,6 @@ def build_fusion_classifier(cfg: ExperimentConfig, seed: int) -> FusionClassifie
         from transformers import AutoConfig
 
         text_config = AutoConfig.from_pretrained(export)
-        for key, value in dropout_overrides(text_config, cfg.model).items():
-            setattr(text_config, key, value)
     model = _build(cfg, seed, text_config)
     model.load_state_dict(load_file(str(export / WEIGHTS_FILE)))
     return model

@@ -21,7 +21,7 @@ from harness.config import PretrainConfig  # noqa: E402
 
 def run(cfg: PretrainConfig) -> dict:
     from harness.loop import run as train  # torch, transformers: imported once the config is valid
-    from harness.mlm import MaskedLMTask
+    from harness.tasks.masked_lm import MaskedLMTask
 
     return train(cfg, MaskedLMTask(cfg))
 

@@ -9,6 +9,8 @@ and the training log use these same definitions.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,3 +104,91 @@ def quick_peak_flops(device: torch.device, precision: str) -> float:
     """The peak for a training run's log: a few matmuls, well under a second (the benchmark times longer)."""
     size = 8192 if device.type == "cuda" else 1024
     return measure_peak_flops(device, precision, size, reps=5)
+
+
+def run_peak_flops(accelerator, precision: str, peak_tflops_per_process: float) -> tuple[float, str]:
+    """Peak FLOP/s of all processes together and where it comes from: logging.peak_tflops per process, or each
+    process's measured matmul peak (measured at the same time on every rank, so CPU ranks share the cores as
+    they will in training)."""
+    from accelerate.utils import gather_object
+
+    if peak_tflops_per_process > 0:
+        return peak_tflops_per_process * 1e12 * accelerator.num_processes, "logging.peak_tflops"
+    accelerator.wait_for_everyone()
+    return float(sum(gather_object([quick_peak_flops(accelerator.device, precision)]))), "measured"
+
+
+class ThroughputMeter:
+    """Samples/s, real tokens/s, model FLOP/s and MFU of the training steps alone.
+
+    The clock runs from `start()` to `stop()`; time spent in `paused(what)` blocks (validation, checkpoints)
+    is taken out of it and reported beside it, so the rate in the last log line and in results.json are the
+    same figure. Counts start at this (re)start: a resumed run reports the speed of its own steps."""
+
+    def __init__(self, flop_counter: FlopCounter | None, peak_flops: float | None, peak_source: str):
+        self.flop_counter = flop_counter
+        self.peak_flops = peak_flops
+        self.peak_source = peak_source
+        self.examples = 0
+        self.tokens = 0
+        self.flops = 0.0
+        self.other_seconds: dict[str, float] = {}
+        self._started: float | None = None
+        self._stopped: float | None = None
+
+    def start(self) -> None:
+        self._started = time.monotonic()
+
+    def stop(self) -> None:
+        if self._started is not None and self._stopped is None:
+            self._stopped = time.monotonic()
+
+    def step(self, lengths: np.ndarray) -> None:
+        """One optimizer step over sequences of these real lengths (all ranks' examples)."""
+        self.examples += len(lengths)
+        self.tokens += int(lengths.sum())
+        if self.flop_counter is not None:
+            self.flops += self.flop_counter.flops(lengths)
+
+    @contextmanager
+    def paused(self, what: str) -> Iterator[None]:
+        """Time spent inside is `what`'s (validation, checkpoint, test), not training's."""
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.other_seconds[what] = self.other_seconds.get(what, 0.0) + time.monotonic() - start
+
+    @property
+    def train_seconds(self) -> float:
+        if self._started is None:
+            return 0.0
+        end = self._stopped if self._stopped is not None else time.monotonic()
+        paused = sum(v for k, v in self.other_seconds.items() if k != "test")  # test runs after stop()
+        return max(0.0, end - self._started - paused)
+
+    def rates(self) -> dict[str, float]:
+        """samples_per_s, tokens_per_s and, where the model's FLOPs are known, tflops_per_s and mfu."""
+        seconds = self.train_seconds
+        if seconds <= 0 or not self.examples:
+            return {}
+        rates = {"samples_per_s": self.examples / seconds, "tokens_per_s": self.tokens / seconds}
+        if self.peak_flops and self.flop_counter is not None:
+            rates["tflops_per_s"] = self.flops / seconds / 1e12
+            rates["mfu"] = self.flops / seconds / self.peak_flops
+        return rates
+
+    def results(self) -> dict[str, float | str]:
+        """results.json's throughput fields."""
+        rates = self.rates()
+        out: dict[str, float | str] = {
+            "train_seconds": round(self.train_seconds, 3),
+            "train_samples_per_s": rates.get("samples_per_s", 0.0),
+            "train_tokens_per_s": rates.get("tokens_per_s", 0.0),
+        }
+        if "mfu" in rates:
+            out.update(train_tflops_per_s=rates["tflops_per_s"], train_mfu=rates["mfu"],
+                       peak_tflops=self.peak_flops / 1e12, peak_source=self.peak_source)  # fmt: skip
+        for what in ("validation", "checkpoint", "test"):
+            out[f"{what}_seconds"] = round(self.other_seconds.get(what, 0.0), 3)
+        return out

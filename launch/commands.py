@@ -9,7 +9,7 @@ WORLD_SIZE/RANK/LOCAL_RANK):
 * cpu N: `torchrun --nproc_per_node N`. The harness builds Accelerator(cpu=True), which forms a gloo world
   inside any torchrun-style launch. Not `accelerate launch --cpu --num_processes N` and not a MULTI_CPU
   accelerate config: both start ONE process (MULTI_CPU multi-process needs mpirun).
-* gpus N: `accelerate launch` with multi_gpu.yaml (single_gpu.yaml for one process in all). With no GPUs on
+* gpus N: `accelerate launch` with multi_gpu.yaml (default.yaml for one process in all). With no GPUs on
   the node it becomes `cpu N`: same world, and torchrun names what actually happens.
 * zero1|zero2|zero3|zero3-offload N: `accelerate launch` with configs/accelerate/zero*.yaml. Accelerate's
   DeepSpeed path starts N torchrun-style processes on CPU-only machines too (N ranks seen for N = 2, 3),
@@ -34,7 +34,7 @@ ZERO_CONFIGS = {
     "zero3-offload": f"{ACCELERATE_CONFIG_DIR}/zero3_offload.yaml",
 }
 MULTI_GPU_CONFIG = f"{ACCELERATE_CONFIG_DIR}/multi_gpu.yaml"
-SINGLE_GPU_CONFIG = f"{ACCELERATE_CONFIG_DIR}/single_gpu.yaml"
+ONE_PROCESS_CONFIG = f"{ACCELERATE_CONFIG_DIR}/default.yaml"
 INTENTS = ("debug", "cpu", "gpus", *ZERO_CONFIGS)
 
 DEBUG_OVERRIDES = (
@@ -200,7 +200,7 @@ def _torchrun_command(request: Request, env: Mapping[str, str], place: Placement
 def _accelerate_command(request: Request, place: Placement, nproc: int) -> Command:
     total = nproc * place.nodes
     if request.intent == "gpus":
-        config = SINGLE_GPU_CONFIG if total == 1 else MULTI_GPU_CONFIG
+        config = ONE_PROCESS_CONFIG if total == 1 else MULTI_GPU_CONFIG
     else:
         config = ZERO_CONFIGS[request.intent]
     argv = ["accelerate", "launch", "--config_file", config, "--num_processes", str(total)]

@@ -1,4 +1,7 @@
-"""Shared test helpers: run the real entry points in real processes on tiny models and small data."""
+"""Shared test helpers: run the real entry points in real processes on tiny models and small data.
+
+`run_harness` forks its processes from the session's forkserver (tests/ranks.py: imports paid once);
+`run_accelerate` and the launcher tests start real launchers, where the launcher is what is tested."""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests import ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "harness" / "train.py"
@@ -45,6 +50,9 @@ def tiny_config(tmp_path: Path, **sections) -> Path:
     return path
 
 
+ENTRY_NAMES = {TRAIN: "train", PRETRAIN: "pretrain"}
+
+
 def run_harness(
     config: Path,
     *overrides: str,
@@ -54,19 +62,25 @@ def run_harness(
     check: bool = True,
     env_extra: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run an entry point as one process (python) or `nproc` gloo ranks (torchrun), from the repo root."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           **(env_extra or {})}  # fmt: skip
-    if nproc == 1:
-        cmd = [sys.executable, str(entry)]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(free_port()), str(entry)]  # fmt: skip
-    cmd += ["--config", str(config), *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc
+    """Run an entry point as one process or `nproc` gloo ranks, forked from the session's forkserver: the
+    environment torchrun gives its workers, without torchrun (stdout and stderr: every rank's, in rank order)."""
+    return ranks.run(ENTRY_NAMES[entry], ["--config", str(config), *overrides], nproc, env_extra, timeout, check)
+
+
+def start_harness(config: Path, *overrides: str, nproc: int = 1, entry: Path = TRAIN,
+                  env_extra: dict[str, str] | None = None) -> ranks.Ranks:  # fmt: skip
+    """`run_harness` without waiting: the running ranks (to signal, kill or wait for)."""
+    return ranks.start(ENTRY_NAMES[entry], ["--config", str(config), *overrides], nproc, env_extra)
+
+
+def deepspeed_env(stage: int, config_file: Path | None = None) -> dict[str, str]:
+    """What `accelerate launch --use_deepspeed --zero_stage N [--deepspeed_config_file F]` exports to its
+    processes (read off accelerate 1.15's launcher); tests/distributed/test_launchers.py runs the real one."""
+    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_CONFIG_DS_FIELDS": "",
+           "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(stage)}  # fmt: skip
+    if config_file is not None:
+        env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(config_file)
+    return env
 
 
 def run_accelerate(
@@ -87,12 +101,7 @@ def run_accelerate(
     return proc
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = ranks.free_port
 
 
 def read_results(output_dir: Path) -> dict:

@@ -143,3 +143,30 @@ def plan_eval(lengths: np.ndarray, batch_size: int, world_size: int, rank: int) 
         mine.append(all_batches[-1])
         padding.append(True)
     return EvalPlan(mine, padding)
+
+
+@dataclass(frozen=True)
+class EpochPlanner:
+    """A run's epochs as plans of global steps: `plan_epoch` over the training lengths with the run's seed and
+    bucketing window; after a change of layout mid-epoch, a plan over the examples not yet consumed."""
+
+    lengths: np.ndarray
+    layout: StepLayout
+    seed: int
+    window_steps: int
+
+    def plan(self, epoch: int, exclude: list[int] | None = None) -> list[Step]:
+        if not exclude:
+            return plan_epoch(self.lengths, self.layout, self.seed, epoch, self.window_steps)
+        remaining = np.setdiff1d(np.arange(len(self.lengths)), np.asarray(exclude))
+        plan = plan_epoch(self.lengths[remaining], self.layout, self.seed, epoch, self.window_steps)
+        return [[remaining[mb].tolist() for mb in step] for step in plan]
+
+    def with_layout(self, layout: StepLayout) -> EpochPlanner:
+        return EpochPlanner(self.lengths, layout, self.seed, self.window_steps)
+
+    def steps_left(self, epoch: int, position: int, exclude: list[int] | None, epochs: int) -> int:
+        """Steps from `position` of `epoch` to the end of the last epoch (planned: with a token budget the epochs'
+        sizes differ)."""
+        left = len(self.plan(epoch, exclude)) - position
+        return left + sum(len(self.plan(later)) for later in range(epoch + 1, epochs))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import PRETRAIN, read_metrics, read_results, run_accelerate, run_harness, tiny_config
+from tests.conftest import PRETRAIN, deepspeed_env, read_metrics, read_results, run_harness, tiny_config
 from tests.pretrain_corpus import write_cyclic_corpus
 
 pytestmark = pytest.mark.slow
@@ -52,8 +52,7 @@ def test_two_ranks_with_accumulation_make_the_same_steps_as_one_process(config, 
 def test_zero3_pretraining_matches_and_exports_a_full_model(config, one_process, tmp_path):
     pytest.importorskip("deepspeed", reason="needs the deepspeed package")
     out = tmp_path / "zero3"
-    run_accelerate(config, "train.batch_size=8", f"output_dir={out}", entry=PRETRAIN,
-                   launch_args=["--use_deepspeed", "--zero_stage", "3", "--num_processes", "2"])  # fmt: skip
+    run_harness(config, "train.batch_size=8", f"output_dir={out}", entry=PRETRAIN, nproc=2, env_extra=deepspeed_env(3))
     setup = next(r for r in read_metrics(out) if r["event"] == "setup")
     assert setup["world_size"] == 2 and setup["distributed_type"] == "DEEPSPEED"
     assert losses(out) == pytest.approx(losses(one_process), rel=1e-5)

@@ -1,4 +1,7 @@
-"""DeepSpeed ZeRO 1/2/3 on 2 gloo CPU processes against plain DDP: same losses, same weights, less memory."""
+"""DeepSpeed ZeRO 1/2/3 on 2 gloo CPU processes against plain DDP: same losses, same weights, less memory.
+
+The ranks get the environment `accelerate launch --use_deepspeed --zero_stage N` gives its processes
+(conftest.deepspeed_env); the launcher itself is run for real in tests/distributed/test_launch_cpu.py."""
 
 import json
 
@@ -7,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import pipeline
 
-from tests.conftest import read_metrics, read_results, run_accelerate, run_harness, tiny_config
+from tests.conftest import deepspeed_env, read_metrics, read_results, run_harness, tiny_config
 
 pytest.importorskip("deepspeed", reason="needs the deepspeed package")
 pytestmark = pytest.mark.slow
@@ -45,10 +48,7 @@ def memory(out):
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_matches_ddp(stage, config, ddp, tmp_path):
     out = tmp_path / f"zero{stage}"
-    run_accelerate(
-        config, *COMMON, f"output_dir={out}",
-        launch_args=["--use_deepspeed", "--zero_stage", str(stage), "--num_processes", "2"],
-    )  # fmt: skip
+    run_harness(config, *COMMON, f"output_dir={out}", nproc=2, env_extra=deepspeed_env(stage))
     assert read_results(out)["world_size"] == 2
     setup = read_metrics(out)[0]
     assert setup["distributed_type"] == "DEEPSPEED" and setup["world_size"] == 2
@@ -86,23 +86,20 @@ def test_deepspeed_json_disagreeing_with_experiment_names_both(config, tmp_path)
     ds_json = tmp_path / "ds.json"
     ds_json.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 4,
                                    "train_micro_batch_size_per_gpu": "auto"}))  # fmt: skip
-    proc = run_accelerate(
-        config, "train.grad_accum=2", f"output_dir={tmp_path / 'run'}",
-        launch_args=["--use_deepspeed", "--deepspeed_config_file", str(ds_json), "--num_processes", "1"], check=False,
-    )  # fmt: skip
-    # The harness exits 2; the launcher (torchrun underneath) reports any child failure as its own exit 1.
-    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
+    proc = run_harness(config, "train.grad_accum=2", f"output_dir={tmp_path / 'run'}", check=False,
+                       env_extra=deepspeed_env(2, config_file=ds_json))  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"{ds_json}: gradient_accumulation_steps is 4 but the experiment's train.grad_accum is 2" in proc.stderr
     assert not (tmp_path / "run").exists()
 
 
 def test_resume_from_a_zero2_checkpoint_continues_the_same_run(config, tmp_path):
-    launch = ["--use_deepspeed", "--zero_stage", "2", "--num_processes", "2"]
+    zero2 = deepspeed_env(2)
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    run_accelerate(config, *COMMON, "checkpoint.every_steps=5", f"output_dir={full}", launch_args=launch)
+    run_harness(config, *COMMON, "checkpoint.every_steps=5", f"output_dir={full}", nproc=2, env_extra=zero2)
     checkpoint = full / "checkpoints" / "step-0000005"
     assert (checkpoint / "state" / "pytorch_model").is_dir()  # DeepSpeed's sharded engine state
-    run_accelerate(config, *COMMON, f"checkpoint.resume={checkpoint}", f"output_dir={resumed}", launch_args=launch)
+    run_harness(config, *COMMON, f"checkpoint.resume={checkpoint}", f"output_dir={resumed}", nproc=2, env_extra=zero2)
     assert read_results(resumed)["resumed_from_step"] == 5
     after = {r["step"]: r["loss"] for r in train_rows(resumed) if r["step"] > 5}
     assert after == {r["step"]: r["loss"] for r in train_rows(full) if r["step"] > 5}

@@ -1,11 +1,11 @@
-"""Kill, signal, corrupt and break real runs; check that nothing is lost and resumed runs are the same run."""
+"""Kill, signal, corrupt and break real runs; check that nothing is lost and resumed runs are the same run.
+
+The runs are real processes (forked from the test session's forkserver, tests/ranks.py): SIGKILL, signals and
+exit codes are those of the harness's own processes."""
 
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,30 +14,18 @@ import torch
 from safetensors.torch import load_file
 
 from harness.checkpoint import verify_checkpoint
-from tests.conftest import ROOT, TRAIN, free_port, read_metrics, read_results, run_harness, tiny_config
+from tests.conftest import read_metrics, read_results, run_harness, start_harness, tiny_config
+from tests.ranks import Ranks
 
 pytestmark = pytest.mark.slow
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def command(config: Path, *overrides: str, nproc: int = 1) -> list[str]:
-    if nproc == 1:
-        return [sys.executable, str(TRAIN), "--config", str(config), *overrides]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-            str(free_port()), str(TRAIN), "--config", str(config), *overrides]  # fmt: skip
-
-
-def start(cmd: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
-
-
-def wait_for(out: Path, predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for(out: Path, predicate, proc: Ranks, timeout: float = 120) -> None:
     """Poll metrics.jsonl until a row satisfies `predicate`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"run ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+            raise AssertionError(f"run ended early ({proc.poll()}): {proc.stderr()[-3000:]}")
         path = out / "metrics.jsonl"
         if path.is_file():
             for line in path.read_text().splitlines():
@@ -48,16 +36,6 @@ def wait_for(out: Path, predicate, proc: subprocess.Popen, timeout: float = 120)
                     pass  # a line being written
         time.sleep(0.02)
     raise AssertionError("timed out waiting for the run")
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL a launcher and every process under it (torchrun's workers live in their own process groups)."""
-    import psutil
-
-    parent = psutil.Process(proc.pid)
-    for p in [parent, *parent.children(recursive=True)]:
-        p.kill()
-    proc.wait()
 
 
 def steps_rows(out: Path, event: str, after: int) -> dict[int, dict]:
@@ -86,9 +64,9 @@ def test_sigkill_then_resume_is_bitwise_the_uninterrupted_run(config, tmp_path, 
     total = read_results(reference)["optimizer_steps"]
 
     kill_at = random.Random(nproc).randint(6, total - 2)  # some step after the first checkpoint (step 4)
-    proc = start(command(config, f"output_dir={interrupted}", nproc=nproc))
+    proc = start_harness(config, f"output_dir={interrupted}", nproc=nproc)
     wait_for(interrupted, lambda r: r["event"] == "train" and r["step"] >= kill_at, proc)
-    kill_tree(proc)
+    proc.kill()  # SIGKILL, every rank
 
     resumed = run_harness(config, f"output_dir={interrupted}", nproc=nproc)
     results = read_results(interrupted)
@@ -110,11 +88,11 @@ def test_sigkill_then_resume_is_bitwise_the_uninterrupted_run(config, tmp_path, 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_signal_checkpoints_and_exits_with_requeue_code(config, tmp_path, sig):
     out = tmp_path / "run"
-    proc = start(command(config, f"output_dir={out}", "checkpoint.every_steps=0"))
+    proc = start_harness(config, f"output_dir={out}", "checkpoint.every_steps=0")
     wait_for(out, lambda r: r["event"] == "train" and r["step"] >= 3, proc)
     proc.send_signal(sig)
-    proc.wait(timeout=60)
-    assert proc.returncode == 75, proc.stderr.read()[-2000:]
+    done = proc.wait(timeout=60)
+    assert done.returncode == 75, done.stderr[-2000:]
     preempted = [r for r in read_metrics(out) if r["event"] == "preempted"]
     assert preempted and preempted[0]["signal"] == sig.name and preempted[0]["seconds_to_checkpoint"] < 30
     step = preempted[0]["step"]
@@ -160,30 +138,26 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(config, tmp_path):
 
 
 def test_a_dead_rank_ends_the_job_within_the_timeout(config, tmp_path):
-    import psutil
-
+    # No launcher to stop the survivors here: rank 0 must fail by itself, in its next collective.
     out = tmp_path / "run"
-    proc = start(command(config, f"output_dir={out}", "runtime.collective_timeout_s=20", "train.epochs=50", nproc=2))
+    proc = start_harness(config, f"output_dir={out}", "runtime.collective_timeout_s=20", "train.epochs=50", nproc=2)
     wait_for(out, lambda r: r["event"] == "train" and r["step"] >= 3, proc)
-    workers = psutil.Process(proc.pid).children(recursive=True)
-    rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
     killed_at = time.monotonic()
-    rank1.kill()
-    proc.wait(timeout=90)
-    assert proc.returncode != 0
+    proc.kill(rank=1)
+    done = proc.wait(timeout=90)
+    assert proc.processes[0].exitcode not in (0, None) and done.returncode != 0
     assert time.monotonic() - killed_at < 60
-    assert "rank      : 1" in proc.stderr.read()
 
 
 def test_a_failed_save_keeps_the_previous_checkpoint(config, tmp_path):
     out = tmp_path / "run"
     blocker = out / "checkpoints" / ".tmp-step-0000008"
-    proc = start(command(config, f"output_dir={out}"))
+    proc = start_harness(config, f"output_dir={out}")
     wait_for(out, lambda r: r["event"] == "checkpoint" and r["step"] == 4, proc)
     blocker.write_text("a file where the next checkpoint's folder must go")
-    proc.wait(timeout=120)
-    stderr = proc.stderr.read()
-    assert proc.returncode == 4, stderr[-2000:]
+    done = proc.wait(timeout=120)
+    stderr = done.stderr
+    assert done.returncode == 4, stderr[-2000:]
     assert f"saving checkpoint {out / 'checkpoints' / 'step-0000008'} failed" in stderr
     verify_checkpoint(out / "checkpoints" / "step-0000004")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import ranks
 from tests.conftest import ROOT, run_harness, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -51,10 +52,14 @@ def best(tmp_path_factory) -> Path:
 
 
 def predict_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m harness.predict ARGS`: with text on stdin, the real command; otherwise its main() in a process
+    forked from the test session's forkserver (its stdin is empty)."""
+    if stdin is None:
+        return ranks.run("predict", list(args), check=False, timeout=120)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run(
         [sys.executable, "-m", "harness.predict", *args],
-        cwd=ROOT, env=env, input=stdin or "", capture_output=True, text=True, timeout=120,
+        cwd=ROOT, env=env, input=stdin, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 
 
@@ -112,6 +117,6 @@ def test_bad_input_exits_2_naming_the_problem(best, tmp_path):
         (["--model", str(best)], "no texts to classify: stdin held no non-blank text"),
     ]
     for args, message in cases:
-        proc = predict_cli(*args, stdin="\n\n")
+        proc = predict_cli(*args)
         assert proc.returncode == 2, (args, proc.stderr)
         assert message in proc.stderr and proc.stdout == "", (args, proc.stderr)

@@ -6,7 +6,7 @@ import pytest
 from harness.augment import AUGMENTATIONS, AugmentContext, Augmenter, AugmentingCollator, load_synonyms
 from harness.config import AugmentConfig, ConfigError, DataConfig, ModelConfig
 from harness.data.collate import PadCollator
-from harness.model import TINY_BERT, load_tokenizer_and_model
+from harness.model import TINY_BERT, load_model
 
 TEXT = " ".join(f"w{i}" for i in range(200))
 
@@ -63,7 +63,7 @@ def test_bad_settings_name_every_problem():
 
 
 def test_training_batches_are_augmented_and_tokenized_on_the_fly():
-    tokenizer, _ = load_tokenizer_and_model(ModelConfig(name_or_path=TINY_BERT), ["neg", "pos"], seed=0)
+    tokenizer, _ = load_model(ModelConfig(name_or_path=TINY_BERT), "classifier", ["neg", "pos"], seed=0)
     texts = ["great acting and a great plot", "boring film with awful dialogue"]
     data = DataConfig(max_length=16)
     pad = PadCollator(tokenizer.pad_token_id)

@@ -82,9 +82,10 @@ def test_cuda_mode_fails_clearly_without_a_gpu():
 
 
 def test_cuda_workloads_are_bert_base_throughput_and_minilm_time_to_accuracy():
-    from benchmarks.vs_trainer import build_workloads, parse_args
+    from benchmarks.vs_trainer import parse_args
+    from benchmarks.workloads import build_workloads
 
-    bert, minilm = build_workloads(parse_args(["--device", "cuda"]))
+    bert, minilm = build_workloads(parse_args(["--device", "cuda"]).work)
     assert bert.random_bert and bert.config.name == "imdb_bert_base.yaml"
     assert {"data.max_length=512", "train.precision=bf16", "data.max_train_samples=null"} <= set(bert.overrides)
     assert not minilm.random_bert and minilm.config.name == "imdb_minilm_cpu.yaml"
@@ -112,9 +113,9 @@ def test_auto_precision_is_bf16_only_where_it_is_native(monkeypatch):
 
     for native, cpu_precision in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(distributed, "native_cpu_bf16", lambda native=native: native)
-        assert parse_args([]).precision == cpu_precision
-        assert parse_args(["--device", "cuda"]).precision == "bf16"
-        assert parse_args(["--precision", "bf16"]).precision == "bf16"
+        assert parse_args([]).work.precision == cpu_precision
+        assert parse_args(["--device", "cuda"]).work.precision == "bf16"
+        assert parse_args(["--precision", "bf16"]).work.precision == "bf16"
 
 
 def test_cpu_step_benchmark_prints_both_variants_under_both_allocator_settings():

@@ -14,7 +14,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from harness import cpu_dropout
 from harness.config import ModelConfig
 from harness.cpu_dropout import ATTENTION_NAME, CpuDropout, attention_with_cpu_dropout, kept_mask
-from harness.model import load_tokenizer_and_model
+from harness.model import load_model
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -112,7 +112,7 @@ def test_evaluation_and_no_dropout_take_the_stock_sdpa_path():
 
 
 def test_a_swapped_model_evaluates_identically_and_exports_plain_sdpa(tmp_path):
-    tokenizer, model = load_tokenizer_and_model(ModelConfig(name_or_path="builtin:tiny-bert"), ["neg", "pos"], 3)
+    tokenizer, model = load_model(ModelConfig(name_or_path="builtin:tiny-bert"), "classifier", ["neg", "pos"], 3)
     model.eval()
     batch = tokenizer(["a good film", "bad"], padding=True, return_tensors="pt")
     before = model(**batch).logits
@@ -160,8 +160,8 @@ def test_freed_cpu_memory_is_reused_instead_of_faulted_in_again():
 def test_training_loss_and_gradient_have_torchs_expectation():
     """Over many dropout draws, the mean loss and mean gradient equal those of torch's dropout: the difference
     from torch is no larger than the difference between two torch runs with other seeds."""
-    tokenizer, model = load_tokenizer_and_model(
-        ModelConfig(name_or_path="builtin:tiny-bert", dropout=0.3), ["neg", "pos"], 3
+    tokenizer, model = load_model(
+        ModelConfig(name_or_path="builtin:tiny-bert", dropout=0.3), "classifier", ["neg", "pos"], 3
     )
     batch = tokenizer(["a good film with a plot", "bad", "the story was fine but long and dull"] * 4,
                       padding=True, return_tensors="pt")  # fmt: skip

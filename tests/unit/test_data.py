@@ -10,7 +10,7 @@ from harness.data.collate import PadCollator
 from harness.data.sources import DataError, LabelledTexts, load_path_splits, load_synthetic
 from harness.data.splits import cap, split_validation
 from harness.data.tokenize import TokenizedSplit, list_rows, tokenize_split, truncate
-from harness.model import TINY_BERT, load_tokenizer_and_model
+from harness.model import TINY_BERT, load_model
 
 LABELS = ["neg", "pos"]
 
@@ -144,7 +144,7 @@ def test_truncation_strategies(strategy, expected):
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer():
-    tokenizer, _ = load_tokenizer_and_model(ModelConfig(name_or_path=TINY_BERT), LABELS, seed=0)
+    tokenizer, _ = load_model(ModelConfig(name_or_path=TINY_BERT), "classifier", LABELS, seed=0)
     return tokenizer
 
 

@@ -14,7 +14,7 @@ from launch.commands import (
     DEBUG_OVERRIDES,
     INTENTS,
     MULTI_GPU_CONFIG,
-    SINGLE_GPU_CONFIG,
+    ONE_PROCESS_CONFIG,
     ZERO_CONFIGS,
     Command,
     Host,
@@ -105,7 +105,7 @@ def test_gpus_is_accelerate_ddp_with_one_process_per_visible_gpu():
     ]  # fmt: skip
     assert command("gpus", host=GPU_HOST).argv[5] == "8"
     assert command("gpus", env={"CUDA_VISIBLE_DEVICES": "0,1,2"}, host=GPU_HOST).argv[5] == "3"
-    assert command("gpus", 1, host=GPU_HOST).argv[3] == SINGLE_GPU_CONFIG
+    assert command("gpus", 1, host=GPU_HOST).argv[3] == ONE_PROCESS_CONFIG
 
 
 def test_gpus_without_gpus_runs_cpu_gloo_processes():
@@ -377,7 +377,7 @@ def _load_yaml(path):
 
 
 def test_every_intent_has_its_config_files():
-    for config in [MULTI_GPU_CONFIG, SINGLE_GPU_CONFIG, *ZERO_CONFIGS.values()]:
+    for config in [MULTI_GPU_CONFIG, ONE_PROCESS_CONFIG, *ZERO_CONFIGS.values()]:
         assert (ROOT / config).is_file(), config
     assert set(INTENTS) == {"debug", "cpu", "gpus", "zero1", "zero2", "zero3", "zero3-offload"}
     names = {p.name for p in ACCELERATE_CONFIGS}
@@ -395,6 +395,8 @@ def test_accelerate_config_loads_and_says_how_to_use_it(path):
     cfg = _load_yaml(path)
     loaded = load_config_from_file(str(path))  # accelerate's own loader rejects unknown keys
     assert loaded.num_processes == cfg["num_processes"] >= 1
+    # Any other gpu_ids makes Accelerate overwrite CUDA_VISIBLE_DEVICES: a job given GPU 3 would train on GPU 0.
+    assert cfg.get("gpu_ids", "all") == "all", path.name
     if cfg["distributed_type"] == "DEEPSPEED":
         ds_file = cfg["deepspeed_config"]["deepspeed_config_file"]
         assert not ds_file.startswith("/") and (ROOT / ds_file).is_file(), ds_file

@@ -9,8 +9,8 @@ from harness.config import DataConfig, MLMConfig, ModelConfig, PretrainConfig
 from harness.data import prepare_pretraining_splits
 from harness.data.sources import LabelledTexts
 from harness.data.tokenize import NO_WORD, tokenize_split
-from harness.mlm import IGNORE, MaskedLMCollator, WholeWordMasker, load_tokenizer_and_mlm_model
-from harness.model import TINY_BERT
+from harness.model import IGNORE, TINY_BERT, load_model
+from harness.tasks.masked_lm import MaskedLMCollator, WholeWordMasker
 
 WORDS = ["great", "awful", "movie", "plot", "acting", "boring", "superb", "film", "director", "scene"]
 
@@ -23,7 +23,7 @@ def _texts(n: int, seed: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load_tokenizer_and_mlm_model(ModelConfig(name_or_path=TINY_BERT), seed=0)
+    return load_model(ModelConfig(name_or_path=TINY_BERT), "masked-lm", seed=0)
 
 
 @pytest.fixture

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from harness.config import ModelConfig, TrainConfig
-from harness.loop import BestSoFar
-from harness.model import TINY_BERT, ModelError, load_tokenizer_and_model, parameter_groups
+from harness.evaluation import BestSoFar
+from harness.model import TINY_BERT, ModelError, load_model, parameter_groups
 from harness.optim import build_optimizer, build_scheduler, lr_multiplier
 
 LABELS = ["neg", "pos"]
@@ -22,27 +22,27 @@ def trainable(model):
     ],
 )
 def test_freezing(freeze, frozen_prefixes, trained_prefixes):
-    _, model = load_tokenizer_and_model(ModelConfig(name_or_path=TINY_BERT, **freeze), LABELS, seed=0)
+    _, model = load_model(ModelConfig(name_or_path=TINY_BERT, **freeze), "classifier", LABELS, seed=0)
     names = trainable(model)
     for prefix in frozen_prefixes:
         assert not any(n.startswith(prefix) for n in names), prefix
     for prefix in trained_prefixes:
         assert any(n.startswith(prefix) for n in names), prefix
     with pytest.raises(ModelError, match="exceeds the encoder's 2 layers"):
-        load_tokenizer_and_model(ModelConfig(name_or_path=TINY_BERT, freeze_layers=3), LABELS, seed=0)
+        load_model(ModelConfig(name_or_path=TINY_BERT, freeze_layers=3), "classifier", LABELS, seed=0)
 
 
 def test_head_size_dropout_and_seeded_init():
     cfg = ModelConfig(name_or_path=TINY_BERT, dropout=0.0, classifier_dropout=0.3)
-    _, a = load_tokenizer_and_model(cfg, ["a", "b", "c"], seed=1)
-    _, b = load_tokenizer_and_model(cfg, ["a", "b", "c"], seed=1)
+    _, a = load_model(cfg, "classifier", ["a", "b", "c"], seed=1)
+    _, b = load_model(cfg, "classifier", ["a", "b", "c"], seed=1)
     assert a.classifier.out_features == 3 and a.config.id2label == {0: "a", 1: "b", 2: "c"}
     assert a.config.hidden_dropout_prob == 0.0 and a.dropout.p == 0.3
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
 
 
 def test_no_weight_decay_on_biases_and_layernorm():
-    _, model = load_tokenizer_and_model(ModelConfig(name_or_path=TINY_BERT, freeze_embeddings=True), LABELS, seed=0)
+    _, model = load_model(ModelConfig(name_or_path=TINY_BERT, freeze_embeddings=True), "classifier", LABELS, seed=0)
     decay, no_decay = parameter_groups(model, weight_decay=0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0

@@ -9,7 +9,7 @@ from harness.config import ConfigError, ModelConfig, config_from_dict
 from harness.data.collate import PadCollator
 from harness.data.sources import DataError, load_path_splits
 from harness.data.tokenize import TokenizedSplit
-from harness.model import ModelError, load_tokenizer_and_model
+from harness.model import ModelError, load_model
 from harness.multimodal import (
     MODALITIES,
     build_fusion_classifier,
@@ -161,6 +161,6 @@ def test_same_seed_same_model_and_export_round_trip(tmp_path):
 
     # A text-only run or harness.predict would load a BERT config from it and random weights: refused.
     with pytest.raises(ModelError, match="a multimodal export"):
-        load_tokenizer_and_model(ModelConfig(name_or_path=str(tmp_path / "best")), LABELS, seed=0)
+        load_model(ModelConfig(name_or_path=str(tmp_path / "best")), "classifier", LABELS, seed=0)
     with pytest.raises(PredictError, match="needs inputs besides text"):
         load_classifier(tmp_path / "best")

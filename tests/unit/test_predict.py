@@ -8,14 +8,14 @@ import torch
 
 from harness import predict as P
 from harness.config import ModelConfig
-from harness.model import load_tokenizer_and_model
+from harness.model import load_model
 
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A random tiny BERT saved as a Hugging Face folder (no training: these tests check plumbing, not skill)."""
     path = tmp_path_factory.mktemp("tiny-model")
-    tokenizer, model = load_tokenizer_and_model(ModelConfig(name_or_path="builtin:tiny-bert"), ["neg", "pos"], seed=3)
+    tokenizer, model = load_model(ModelConfig(name_or_path="builtin:tiny-bert"), "classifier", ["neg", "pos"], seed=3)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

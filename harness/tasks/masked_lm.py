@@ -1,4 +1,4 @@
-"""Masked-language-model pre-training's task for the training loop (see `harness.classification`).
+"""Masked-language-model pre-training's task: the corpus, whole-word masking, cross-entropy per masked token.
 
 Masking is a pure function of (seed, epoch, example index): every rank can count the masked tokens of a whole
 global step without communicating, so the step's loss is averaged over exactly its masked tokens whatever the
@@ -12,80 +12,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import BertForMaskedLM, BertModel
-from transformers.models.bert.modeling_bert import BertOnlyMLMHead, BertPreTrainedModel
 
-from harness.classification import TaskSetup, pad_multiple
 from harness.config import MLMConfig, PretrainConfig
 from harness.data import prepare_pretraining_splits
 from harness.data.collate import attention_mask_for, pad_rows
 from harness.data.tokenize import NO_WORD, TokenizedSplit, tokenize_split
 from harness.evaluation import gather_example_records, model_inputs
-from harness.model import TINY_BERT, ModelError, apply_freezing, dropout_overrides, resolve_model_path, tiny_bert_config
+from harness.model import IGNORE, load_model
+from harness.tasks import TaskSetup
 
-IGNORE = -100
-"""Label of a position that is not predicted (cross_entropy's default ignore_index)."""
 EVAL_EPOCH = 2**31 - 1
 """Mask stream for validation: the same masks at every evaluation."""
-
-
-class BertForMaskedLMPretraining(BertForMaskedLM):
-    """BERT's masked-LM model with two changes for continued pre-training.
-
-    * The pooler is kept, frozen: BertForMaskedLM drops it, so a classifier fine-tuned from the export would
-      start from a random pooler instead of the checkpoint's.
-    * Given `labels`, logits are computed at the predicted positions only ([predicted, vocab] rather than
-      [batch, length, vocab]): for a small encoder the vocabulary projection costs as much as the encoder.
-    """
-
-    def __init__(self, config):
-        BertPreTrainedModel.__init__(self, config)  # BertForMaskedLM's own __init__ builds a pooler-less encoder
-        self.bert = BertModel(config, add_pooling_layer=True)
-        self.cls = BertOnlyMLMHead(config)
-        self.post_init()
-        self.bert.pooler.requires_grad_(False)  # not used by the MLM loss; carried to the export unchanged
-
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
-        if labels is None:
-            return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        hidden = self.bert(input_ids, attention_mask=attention_mask, return_dict=True, **kwargs).last_hidden_state
-        from transformers.modeling_outputs import MaskedLMOutput
-
-        return MaskedLMOutput(logits=self.cls(hidden[labels != IGNORE]))  # [predicted, vocab]
-
-
-def load_tokenizer_and_mlm_model(cfg, seed: int):
-    """Tokenizer and masked-LM model; BERT checkpoints get `BertForMaskedLMPretraining` (an existing MLM head
-    is loaded, a missing one is initialised), other families their AutoModelForMaskedLM class."""
-    from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
-
-    if cfg.name_or_path == TINY_BERT:
-        tokenizer, config = tiny_bert_config(["unused", "labels"], cfg)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = BertForMaskedLMPretraining(config)
-        apply_freezing(model, cfg)
-        return tokenizer, model
-    path = resolve_model_path(cfg.name_or_path)
-    try:
-        config = AutoConfig.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"model.name_or_path {path}: cannot load a model from it: {exc}") from exc
-    if tokenizer.mask_token_id is None:
-        raise ModelError(f"model.name_or_path {path}: the tokenizer has no mask token; it cannot do masked-LM")
-    model_class = BertForMaskedLMPretraining if config.model_type == "bert" else AutoModelForMaskedLM
-    extra = dropout_overrides(config, cfg)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)  # a missing MLM head's initialisation is part of the run's seed
-        try:
-            model = model_class.from_pretrained(
-                path, attn_implementation=cfg.attn_implementation, dtype=torch.float32, **extra
-            )
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"model.name_or_path {path}: cannot load a masked-LM model from it: {exc}") from exc
-    apply_freezing(model, cfg)
-    return tokenizer, model
 
 
 class WholeWordMasker:
@@ -194,6 +131,12 @@ def masked_lm_scores(model: torch.nn.Module, batch: dict) -> dict[str, torch.Ten
     }
 
 
+@dataclass
+class MaskedLMSetup(TaskSetup):
+    maskers: dict[str, WholeWordMasker]
+    """Per split."""
+
+
 class MaskedLMTask:
     """Masked-language modelling on train (+ unlabelled) texts; validation on held-out texts; no test split."""
 
@@ -202,38 +145,38 @@ class MaskedLMTask:
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
 
-    def setup(self, accelerator) -> TaskSetup:
+    def setup(self, accelerator, place) -> MaskedLMSetup:
         cfg = self.cfg
-        tokenizer, model = load_tokenizer_and_mlm_model(cfg.model, cfg.seed)
+        tokenizer, model = load_model(cfg.model, "masked-lm", seed=cfg.seed)
         texts = prepare_pretraining_splits(cfg)
         with accelerator.main_process_first():  # rank 0 fills the tokenization cache; the others then read it
             splits = {
                 name: tokenize_split(split, tokenizer, cfg.data, with_word_ids=cfg.mlm.whole_word_masking)
                 for name, split in texts.items()
             }
-        self.maskers = {name: WholeWordMasker(cfg.mlm, cfg.seed, tokenizer, split) for name, split in splits.items()}
-        self.pad = (tokenizer.pad_token_id, pad_multiple(accelerator))
-        self.accelerator = accelerator
-        return TaskSetup(tokenizer, model, splits)
+        maskers = {name: WholeWordMasker(cfg.mlm, cfg.seed, tokenizer, split) for name, split in splits.items()}
+        return MaskedLMSetup(tokenizer, model, splits, accelerator, place, maskers)
 
-    def train_collator(self, epoch: int) -> MaskedLMCollator:
-        return MaskedLMCollator(self.maskers["train"], epoch, *self.pad)
+    @staticmethod
+    def collator(setup: MaskedLMSetup, split: str, epoch: int) -> MaskedLMCollator:
+        return MaskedLMCollator(setup.maskers[split], epoch, setup.tokenizer.pad_token_id, setup.place.pad_multiple)
 
-    def step_weight(self, global_step: list[list[int]], epoch: int) -> int:
+    def train_collator(self, setup: MaskedLMSetup, epoch: int) -> MaskedLMCollator:
+        return self.collator(setup, "train", epoch)
+
+    def step_weight(self, setup: MaskedLMSetup, global_step: list[list[int]], epoch: int) -> int:
         """The loss of a step is averaged over its predicted tokens (all micro-batches on all ranks)."""
-        masker = self.maskers["train"]
+        masker = setup.maskers["train"]
         return sum(masker.count(i, epoch) for micro_batch in global_step for i in micro_batch)
 
     def loss_sum(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         labels = batch["labels"]
         return F.cross_entropy(predicted_logits(model, batch), labels[labels != IGNORE], reduction="sum")
 
-    def evaluate(self, model: torch.nn.Module, split: TokenizedSplit) -> dict:
-        name = next(n for n, m in self.maskers.items() if m.split is split)
-        collator = MaskedLMCollator(self.maskers[name], EVAL_EPOCH, *self.pad)
+    def evaluate(self, setup: MaskedLMSetup, model: torch.nn.Module, split: str) -> dict:
         records = gather_example_records(
-            model, split, collator, self.accelerator, self.cfg.eval.batch_size, masked_lm_scores,
-            self.cfg.data.num_workers,
+            model, setup.splits[split], self.collator(setup, split, EVAL_EPOCH), setup.accelerator,
+            self.cfg.eval.batch_size, masked_lm_scores, self.cfg.data.num_workers, setup.place.pin_memory,
         )  # fmt: skip
         predicted = records["predicted"].sum()
         loss = float(records["loss_sum"].sum() / predicted)
@@ -242,7 +185,7 @@ class MaskedLMTask:
             "accuracy": float(records["correct"].sum() / predicted),
             "perplexity": float(np.exp(loss)),
             "predicted_tokens": int(predicted),
-            "samples": len(split),
+            "samples": len(setup.splits[split]),
         }
 
     @staticmethod
