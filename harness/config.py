@@ -404,11 +404,18 @@ def parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
 
 
 def validate(cfg: ExperimentConfig) -> list[str]:
-    """Value checks that types alone cannot express; returns every problem found."""
+    """Value checks that types alone cannot express; returns every problem found, section by section."""
+    problems = [] if cfg.output_dir else ["output_dir: must not be empty"]
+    for check in (_check_train, _check_data, _check_eval_and_checkpoint, _check_runtime_and_logging, _check_model):
+        problems += check(cfg)
+    if isinstance(cfg, PretrainConfig):
+        problems += _check_pretraining(cfg)
+    return problems
+
+
+def _check_train(cfg: ExperimentConfig) -> list[str]:
     p = []
-    t, d, e = cfg.train, cfg.data, cfg.eval
-    if not cfg.output_dir:
-        p.append("output_dir: must not be empty")
+    t, d = cfg.train, cfg.data
     if t.lr <= 0:
         p.append(f"train.lr: must be > 0, got {t.lr}")
     if t.batch_size < 1:
@@ -430,6 +437,12 @@ def validate(cfg: ExperimentConfig) -> list[str]:
         p.append(f"train.max_grad_norm: must be >= 0 (0 disables clipping), got {t.max_grad_norm}")
     if t.weight_decay < 0:
         p.append(f"train.weight_decay: must be >= 0, got {t.weight_decay}")
+    return p
+
+
+def _check_data(cfg: ExperimentConfig) -> list[str]:
+    p = []
+    d = cfg.data
     if d.max_length < 8:
         p.append(f"data.max_length: must be >= 8, got {d.max_length}")
     if d.truncation == "head_tail" and not 0 < d.head_tokens < d.max_length - 2:
@@ -449,26 +462,44 @@ def validate(cfg: ExperimentConfig) -> list[str]:
             p.append(f"data.{key}: must be >= 1, got {getattr(d, key)}")
     if d.num_workers < 0:
         p.append(f"data.num_workers: must be >= 0, got {d.num_workers}")
+    return p
+
+
+def _check_eval_and_checkpoint(cfg: ExperimentConfig) -> list[str]:
+    p = []
+    e, c = cfg.eval, cfg.checkpoint
     if e.every_steps < 0 or e.patience < 0:
         p.append("eval.every_steps and eval.patience: must be >= 0")
     if e.batch_size < 1:
         p.append(f"eval.batch_size: must be >= 1, got {e.batch_size}")
-    c = cfg.checkpoint
     if c.every_steps < 0 or c.every_minutes < 0:
         p.append("checkpoint.every_steps and checkpoint.every_minutes: must be >= 0 (0 disables)")
     if c.keep_last < 1:
         p.append(f"checkpoint.keep_last: must be >= 1, got {c.keep_last}")
     if not c.resume:
         p.append("checkpoint.resume: must be auto, none or a checkpoint folder")
-    if cfg.runtime.collective_timeout_s <= 0:
-        p.append(f"runtime.collective_timeout_s: must be > 0, got {cfg.runtime.collective_timeout_s}")
-    if cfg.runtime.cpu_threads < 0:
-        p.append(f"runtime.cpu_threads: must be >= 0 (0 is automatic), got {cfg.runtime.cpu_threads}")
-    if cfg.runtime.max_nonfinite_steps < 1:
-        p.append(f"runtime.max_nonfinite_steps: must be >= 1, got {cfg.runtime.max_nonfinite_steps}")
-    if cfg.logging.every_steps < 1:
-        p.append(f"logging.every_steps: must be >= 1, got {cfg.logging.every_steps}")
-    m = cfg.model
+    return p
+
+
+def _check_runtime_and_logging(cfg: ExperimentConfig) -> list[str]:
+    p = []
+    r, g = cfg.runtime, cfg.logging
+    if r.collective_timeout_s <= 0:
+        p.append(f"runtime.collective_timeout_s: must be > 0, got {r.collective_timeout_s}")
+    if r.cpu_threads < 0:
+        p.append(f"runtime.cpu_threads: must be >= 0 (0 is automatic), got {r.cpu_threads}")
+    if r.max_nonfinite_steps < 1:
+        p.append(f"runtime.max_nonfinite_steps: must be >= 1, got {r.max_nonfinite_steps}")
+    if g.every_steps < 1:
+        p.append(f"logging.every_steps: must be >= 1, got {g.every_steps}")
+    if g.peak_tflops < 0:
+        p.append(f"logging.peak_tflops: must be >= 0 (0 measures it), got {g.peak_tflops}")
+    return p
+
+
+def _check_model(cfg: ExperimentConfig) -> list[str]:
+    p = []
+    m, d = cfg.model, cfg.data
     for key in ("dropout", "classifier_dropout"):
         value = getattr(m, key)
         if value is not None and not 0 <= value < 1:
@@ -481,19 +512,21 @@ def validate(cfg: ExperimentConfig) -> list[str]:
         p.append("data.feature_columns: read for a non-text modality, but model.modalities is [text]")
     if "tabular" in m.modalities and not d.feature_columns:
         p.append("data.feature_columns: the tabular modality needs the numeric columns to read")
-    if cfg.logging.peak_tflops < 0:
-        p.append(f"logging.peak_tflops: must be >= 0 (0 measures it), got {cfg.logging.peak_tflops}")
     if m.fusion_hidden < 1:
         p.append(f"model.fusion_hidden: must be >= 1, got {m.fusion_hidden}")
-    if isinstance(cfg, PretrainConfig):
-        if not 0 < cfg.mlm.mask_probability < 1:
-            p.append(f"mlm.mask_probability: must be in (0, 1), got {cfg.mlm.mask_probability}")
-        if e.metric not in ("loss", "accuracy"):
-            p.append(f"eval.metric: pre-training selects by masked-token 'loss' or 'accuracy', got {e.metric!r}")
-        if m.freeze_encoder:
-            p.append("model.freeze_encoder: pre-training trains the encoder; it cannot be frozen")
-        if cfg.augment.ops:
-            p.append("augment.ops: augmentation applies to fine-tuning (harness/train.py), not to pre-training")
+    return p
+
+
+def _check_pretraining(cfg: PretrainConfig) -> list[str]:
+    p = []
+    if not 0 < cfg.mlm.mask_probability < 1:
+        p.append(f"mlm.mask_probability: must be in (0, 1), got {cfg.mlm.mask_probability}")
+    if cfg.eval.metric not in ("loss", "accuracy"):
+        p.append(f"eval.metric: pre-training selects by masked-token 'loss' or 'accuracy', got {cfg.eval.metric!r}")
+    if cfg.model.freeze_encoder:
+        p.append("model.freeze_encoder: pre-training trains the encoder; it cannot be frozen")
+    if cfg.augment.ops:
+        p.append("augment.ops: augmentation applies to fine-tuning (harness/train.py), not to pre-training")
     return p
 
 

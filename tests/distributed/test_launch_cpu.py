@@ -1,4 +1,8 @@
-"""The launcher for real: `python -m launch cpu 2` trains as 2 gloo ranks on CPU."""
+"""The launchers for real: `python -m launch cpu 2 --nodes 2` (two "nodes" on one machine, torchrun underneath)
+and `python -m launch zero2 2` (accelerate launch with a DeepSpeed config) train as real gloo worlds.
+
+Every other distributed test forks its ranks from the test session's forkserver (tests/ranks.py); these are
+the ones where the launcher is the point."""
 
 import os
 import shlex
@@ -7,47 +11,81 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, free_port, read_results
+from tests.conftest import ROOT, free_port, read_metrics, read_results, tiny_config
 
 pytestmark = pytest.mark.slow
+ENV = {**{k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+       "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
 
 
-def launch_quickstart(intent: str, tmp_path, port: int) -> subprocess.CompletedProcess:
-    """`python -m launch <intent> 2 -- <6 quickstart steps>`, run for real from the repo root."""
-    cmd = [
-        sys.executable, "-m", "launch", intent, "2", "--port", str(port), "--",
-        "--config", "configs/quickstart.yaml", f"output_dir={tmp_path / 'run'}", "train.max_steps=6",
-        f"data.cache_dir={tmp_path / 'cache'}", "logging.progress=plain",
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
-
-
-def test_launch_cpu_2_trains_with_world_size_2(tmp_path):
-    out = tmp_path / "run"
-    port = free_port()
-    proc = launch_quickstart("cpu", tmp_path, port)
-    # The launcher printed the torchrun command it ran (one line, stderr) before the training output.
-    printed = next(line for line in proc.stderr.splitlines() if "--nproc_per_node" in line)
-    argv = shlex.split(printed)
+def printed_command(stderr: str, marker: str) -> list[str]:
+    """The launcher prints the command it runs (one shell-quoted line on stderr) before the training output."""
+    argv = shlex.split(next(line for line in stderr.splitlines() if marker in line))
     while "=" in argv[0]:  # environment additions lead the line (OMP_NUM_THREADS=...)
         argv.pop(0)
+    return argv
+
+
+def test_two_launchers_form_one_world_of_four(tmp_path):
+    config = tiny_config(tmp_path, data={"synthetic_train_size": 300}, train={"batch_size": 4})
+    port = str(free_port())
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "launch",
+                "cpu",
+                "2",
+                "--nodes",
+                "2",
+                "--node-rank",
+                str(rank),
+                "--head-addr",
+                "127.0.0.1",
+                "--port",
+                port,
+                "--",
+                "--config",
+                str(config),
+            ],
+            cwd=ROOT,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, err[-3000:]
+    argv = printed_command(outputs[0][1], "--nproc_per_node")
     assert argv[0].endswith("torchrun")
-    assert argv[argv.index("--nproc_per_node") + 1] == "2"
-    assert argv[argv.index("--master_port") + 1] == str(port)
-    results = read_results(out)
-    assert results["world_size"] == 2
-    assert results["optimizer_steps"] == 6
+    assert argv[argv.index("--nproc_per_node") + 1] == "2" and argv[argv.index("--nnodes") + 1] == "2"
+    assert argv[argv.index("--master_port") + 1] == port
+    results = read_results(tmp_path / "run")
+    assert results["world_size"] == 4
+    setup = read_metrics(tmp_path / "run")[0]
+    assert setup["world_size"] == 4 and setup["backend"] == "gloo"
+    # 239 examples, 4 ranks x 4 per micro-batch: 14 full steps of 16 and a tail of 15.
+    assert results["optimizer_steps"] == 15
 
 
 def test_launch_zero2_2_trains_under_deepspeed_with_world_size_2(tmp_path):
     pytest.importorskip("deepspeed", reason="needs the deepspeed package")
-    out = tmp_path / "run"
-    proc = launch_quickstart("zero2", tmp_path, free_port())
-    printed = next(line for line in proc.stderr.splitlines() if "--config_file" in line)
-    assert "configs/accelerate/zero2.yaml" in printed and "--num_processes 2" in printed
+    cmd = [
+        sys.executable, "-m", "launch", "zero2", "2", "--port", str(free_port()), "--",
+        "--config", "configs/quickstart.yaml", f"output_dir={tmp_path / 'run'}", "train.max_steps=6",
+        f"data.cache_dir={tmp_path / 'cache'}", "logging.progress=plain",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    argv = printed_command(proc.stderr, "--config_file")
+    assert argv[argv.index("--config_file") + 1] == "configs/accelerate/zero2.yaml"
+    assert argv[argv.index("--num_processes") + 1] == "2"
     assert "world size 2 (DEEPSPEED, gloo)" in proc.stdout
-    results = read_results(out)
+    results = read_results(tmp_path / "run")
     assert results["world_size"] == 2 and results["optimizer_steps"] == 6
+    # A plain CPU or DeepSpeed run does not print DeepSpeed's accelerator-detection warning in every process.
+    assert "Setting accelerator to CPU" not in proc.stderr

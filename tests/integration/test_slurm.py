@@ -1,5 +1,5 @@
-"""slurm/*.sbatch on a real one-node SLURM cluster: a job to completion, a preempted job that requeues and
-resumes to the same result, and a sweep as a job array."""
+"""slurm/*.sbatch on a real one-node SLURM cluster: a train job to completion and the same job preempted, which
+requeues and resumes to the same result; a pre-training job; a sweep as a job array."""
 
 import json
 import subprocess
@@ -24,19 +24,6 @@ def log_of(tmp_path, name, job_id):
     return (tmp_path / f"{name}-{job_id}.out").read_text()
 
 
-def test_train_job_runs_to_completion(slurm_cluster, tmp_path):
-    config = tiny_config(tmp_path, data={"synthetic_train_size": 300})
-    job = submit(slurm_cluster, tmp_path, "slurm/train.sbatch", str(config), "train.lr=2e-3")
-    info = slurm_cluster.wait_until(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
-    log = log_of(tmp_path, "harness-train", job)
-    assert info["JobState"] == "COMPLETED", log[-3000:]
-    results = read_results(tmp_path / "run")
-    assert results["world_size"] == 2 and results["optimizer_steps"] == 15
-    assert set(results["test"]) >= {"loss", "accuracy", "precision", "recall", "f1_macro", "f1_micro"}
-    assert json.loads((tmp_path / "run" / "exit_status.json").read_text())["status"] == "completed"
-    assert "torchrun --nproc_per_node 2" in log and "run status completed" in log
-
-
 def test_pretrain_job_runs_to_completion(slurm_cluster, tmp_path):
     corpus = write_cyclic_corpus(tmp_path / "corpus", 200, 100)
     config = tiny_config(tmp_path, data={"source": "path", "path": str(corpus), "validation_size": 40},
@@ -58,8 +45,17 @@ def test_preempted_job_checkpoints_requeues_resumes_and_matches_an_uninterrupted
         train={"epochs": 2, "batch_size": 8},
         checkpoint={"every_steps": 10},
     )
+    # The reference: a train job that runs to completion.
     reference = submit(slurm_cluster, tmp_path, "slurm/train.sbatch", str(config), f"output_dir={tmp_path / 'ref'}")
-    assert slurm_cluster.wait_until(reference, {"COMPLETED", "FAILED"})["JobState"] == "COMPLETED"
+    info = slurm_cluster.wait_until(reference, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
+    log = log_of(tmp_path, "harness-train", reference)
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert read_results(tmp_path / "ref")["world_size"] == 2
+    assert set(read_results(tmp_path / "ref")["test"]) >= {"loss", "accuracy", "precision", "recall", "f1_macro"}
+    assert json.loads((tmp_path / "ref" / "exit_status.json").read_text())["status"] == "completed"
+    assert "torchrun --nproc_per_node 2" in log and "run status completed" in log
+
+    # The same job, preempted once with USR1 mid-run.
 
     job = submit(slurm_cluster, tmp_path, "slurm/train.sbatch", str(config))
     metrics = tmp_path / "run" / "metrics.jsonl"
