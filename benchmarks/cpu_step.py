@@ -49,7 +49,7 @@ def measure(opts) -> dict[str, list[float]]:
     _, model = load_model(ModelConfig(name_or_path="builtin:all-minilm-l6-v2"), "classifier", ["neg", "pos"], 0)
     use_fast_cpu_dropout(model)
     dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]  # CpuDropout now
-    optimizer = torch.optim.AdamW(parameter_groups(model, 0.01), lr=1e-5, fused=True)
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.01, lr=1e-5), lr=1e-5, fused=True)
     model.train()
 
     generator = torch.Generator().manual_seed(0)

@@ -154,8 +154,9 @@ def describe_workload(p: PreparedWorkload) -> str:
     return (
         f"- {p.workload.name}: {p.workload.description}; {p.settings}; {p.train_examples} train / "
         f"{p.test_examples} test examples, mean real length {p.mean_real_length:.1f} tokens; training FLOPs "
-        f"(harness.throughput.FlopCounter over every trained sequence's real length s) 6 x {c['non_embedding_params']:,}"
-        f" x sum(s) + 12 x {c['layers']} x {c['hidden']} x sum(s^2) = {p.train_flops / 1e9:,.1f} GFLOP, "
+        f"(harness.throughput.FlopCounter over every trained sequence's real length s) 6 x {c['dense']:,} x sum(s) "
+        f"+ 6 x {c['head']:,} per sequence + 12 x {c['width']} x sum(s^2) over {len(c['windows'])} attention layers = "
+        f"{p.train_flops / 1e9:,.1f} GFLOP, "
         f"{p.train_flops / p.real_train_tokens / 1e6:.1f} M per real token; initial weights sha256 "
         f"{p.weights_sha256[:12]}, token ids sha256 {p.data_sha256[:12]} (same on every side)"
     )

@@ -95,6 +95,7 @@ def run_trainer_side(spec: ChildSpec, best: bool) -> SideResult:
     import numpy as np
     import torch
     from transformers import (
+        AutoConfig,
         AutoModelForSequenceClassification,
         AutoTokenizer,
         DataCollatorWithPadding,
@@ -102,6 +103,8 @@ def run_trainer_side(spec: ChildSpec, best: bool) -> SideResult:
         TrainerCallback,
     )
     from transformers.utils import logging as hf_logging
+
+    from harness.model import model_class, resolve_attention
 
     hf_logging.set_verbosity_warning()
     cfg = load_config(spec.config, spec.overrides)
@@ -115,8 +118,11 @@ def run_trainer_side(spec: ChildSpec, best: bool) -> SideResult:
     by_length = np.argsort(-test.lengths, kind="stable")
     test_ds = as_hf_dataset(test, None, tokenizer.pad_token_id).select(by_length.tolist())
 
+    # The attention kernel the harness resolves for this model (model.attn_implementation may be `auto`).
+    config = AutoConfig.from_pretrained(spec.model_dir)
+    attention = resolve_attention(cfg.model.attn_implementation, model_class("classifier", config), config)
     model = AutoModelForSequenceClassification.from_pretrained(
-        spec.model_dir, attn_implementation=cfg.model.attn_implementation, dtype=torch.float32
+        spec.model_dir, attn_implementation=attention, dtype=torch.float32
     )
     # Tensor-core friendly shapes on a GPU are a best practice the harness follows too.
     multiple = pad_multiple(spec.device) if best else None

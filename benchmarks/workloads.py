@@ -169,7 +169,7 @@ class PreparedWorkload:
     """Training FLOPs of the real tokens over the whole run: harness.throughput.FlopCounter over the planned
     examples' lengths, the count the training loop's MFU uses."""
     flop_counter: dict[str, int]
-    """The counter's terms (non-embedding parameters, layers, hidden size), for the report."""
+    """The counter's terms (dense and head matmul weights, attention width and windows), for the report."""
     weights_sha256: str
     data_sha256: str
     settings: str
@@ -238,12 +238,13 @@ def build_initial_model(cfg: ExperimentConfig, random_bert: bool) -> tuple[objec
 
 def describe_settings(cfg: ExperimentConfig, model: nn.Module, total_steps: int) -> str:
     """The resolved training settings, in one line for the report."""
-    from harness.model import ENCODER_DROPOUT_KEYS
+    from harness.families import family_of
+    from harness.model import attention_in_use
     from harness.optim import warmup_steps
 
     t, d = cfg.train, cfg.data
-    # The encoder's dropout under its family's names (hidden, attention), as harness.model knows them.
-    hidden, attention = next(k for k in ENCODER_DROPOUT_KEYS if all(hasattr(model.config, a) for a in k))
+    # The encoder's dropout under its family's names, as harness.families knows them.
+    dropout = ", ".join(f"{key} {getattr(model.config, key):g}" for key in family_of(model).dropout_keys)
     truncation = d.truncation
     if truncation == "head_tail":
         truncation += f" ({d.head_tokens} + {d.max_length - d.head_tokens - 2})"
@@ -251,8 +252,7 @@ def describe_settings(cfg: ExperimentConfig, model: nn.Module, total_steps: int)
         f"max_length {d.max_length}, truncation {truncation}; batch {t.batch_size} x accumulation {t.grad_accum}, "
         f"{t.epochs} epoch(s) = {total_steps} steps; AdamW lr {t.lr:g}, {t.scheduler} decay after "
         f"{warmup_steps(t, total_steps)} warmup steps, weight decay {t.weight_decay:g}, clip {t.max_grad_norm:g}; "
-        f"{t.precision}; dropout {getattr(model.config, hidden):g} (attention "
-        f"{getattr(model.config, attention):g}), {cfg.model.attn_implementation} attention"
+        f"{t.precision}; dropout: {dropout}; {attention_in_use(model)} attention"
     )
 
 

@@ -41,8 +41,13 @@ class ModelConfig:
     """Freeze the first K encoder layers."""
     freeze_encoder: bool = False
     """Freeze the whole encoder and train the head only."""
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    """Attention kernel; `sdpa` is PyTorch's scaled_dot_product_attention."""
+    attn_implementation: Literal[
+        "auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"
+    ] = "auto"
+    """Attention kernel: auto (PyTorch's scaled_dot_product_attention where the family supports it, else eager;
+    logged), or one by name (an error where the family or the installed packages cannot provide it)."""
+    trust_remote_code: bool = False
+    """Run the model's own code (a config with an auto_map); the only way such models load. Read the code first."""
     modalities: list[str] = field(default_factory=lambda: ["text"])
     """Encoders the classifier fuses, by registered name (text, tabular, ...); [text] is a plain classifier."""
     fusion_hidden: int = 128
@@ -102,6 +107,9 @@ class TrainConfig:
     """Peak learning rate."""
     weight_decay: float = 0.01
     """AdamW weight decay (never applied to biases and LayerNorm weights)."""
+    layer_lr_decay: float = 1.0
+    """Layer-wise learning-rate decay: the head gets train.lr, encoder layer k of L (bottom k = 0) lr x decay^(L-k),
+    the embeddings lr x decay^(L+1); 1.0 is off. The rates used are logged once per run."""
     adam_beta1: float = 0.9
     """AdamW beta1."""
     adam_beta2: float = 0.999
@@ -437,6 +445,8 @@ def _check_train(cfg: ExperimentConfig) -> list[str]:
         p.append(f"train.max_grad_norm: must be >= 0 (0 disables clipping), got {t.max_grad_norm}")
     if t.weight_decay < 0:
         p.append(f"train.weight_decay: must be >= 0, got {t.weight_decay}")
+    if not 0 < t.layer_lr_decay <= 1:
+        p.append(f"train.layer_lr_decay: must be in (0, 1] (1 is off), got {t.layer_lr_decay}")
     return p
 
 

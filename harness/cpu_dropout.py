@@ -194,19 +194,38 @@ def register_attention() -> None:
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)  # the same boolean masks as sdpa
 
 
-def use_fast_cpu_dropout(model: nn.Module) -> dict[str, int]:
-    """Swap `model`'s dropout for the CPU-fast one, in place. Returns what was swapped, for the log."""
+def use_fast_cpu_dropout(model: nn.Module) -> dict:
+    """Swap `model`'s dropout for the CPU-fast one, in place, and route its training attention through
+    `attention_with_cpu_dropout` where the model uses transformers' sdpa attention. Models with another
+    attention (DeBERTa's own, eager) keep it: their dropout modules are swapped, their attention is not.
+    Returns what was swapped and what was kept, for the log."""
+    from harness.families import family_of_config
+
     swapped = 0
     for parent in model.modules():
         for name, child in parent.named_children():
             if type(child) is nn.Dropout:  # subclasses may do more than drop: leave them alone
                 setattr(parent, name, CpuDropout(child.p, child.inplace).train(child.training))
                 swapped += 1
-    attention = 0
+    attention, kept = 0, []
     for sub in model.modules():  # the model and any pretrained encoders inside it (multimodal fusion)
         config = getattr(sub, "config", None)
-        if getattr(sub, "set_attn_implementation", None) and getattr(config, "_attn_implementation", None) == "sdpa":
+        if config is None or getattr(sub, "set_attn_implementation", None) is None or sub is not _outermost(model, sub):
+            continue
+        implementation = getattr(config, "_attn_implementation", None)
+        if implementation == "sdpa":
             register_attention()
             sub.set_attn_implementation(ATTENTION_NAME)
             attention += 1
-    return {"dropout_modules": swapped, "attention_models": attention}
+        elif implementation != ATTENTION_NAME:
+            family = family_of_config(config)
+            kept.append(f"{family.name if family else config.model_type} ({implementation} attention)")
+    return {"dropout_modules": swapped, "attention_models": attention, "kept": kept}
+
+
+def _outermost(model: nn.Module, sub: nn.Module) -> nn.Module:
+    """The outermost transformers model that shares `sub`'s config (a classifier and its base model share one)."""
+    for candidate in model.modules():
+        if getattr(candidate, "config", None) is getattr(sub, "config", None):
+            return candidate
+    return sub

@@ -44,7 +44,14 @@ from harness.distributed import (
 )
 from harness.evaluation import BestSoFar
 from harness.faults import injected_nan_steps
-from harness.model import compile_model, compiled_graph_count, max_positions, parameter_groups
+from harness.model import (
+    attention_in_use,
+    compile_model,
+    compiled_graph_count,
+    describe_learning_rates,
+    max_positions,
+    parameter_groups,
+)
 from harness.optim import build_optimizer, build_scheduler
 from harness.tasks import Task, TaskSetup
 from harness.tasks.classification import ClassificationTask
@@ -140,10 +147,13 @@ def setup(cfg: ExperimentConfig, task: Task) -> Run:
     model = ctx.model
     if place.fast_cpu_dropout:
         swapped = use_fast_cpu_dropout(model)
+        kept = f"; kept: {', '.join(swapped['kept'])}" if swapped["kept"] else ""
         log.info(f"fast CPU dropout: {swapped['dropout_modules']} dropout modules, "
-                 f"{swapped['attention_models']} attention implementation(s) swapped")  # fmt: skip
+                 f"{swapped['attention_models']} attention implementation(s) swapped{kept}")  # fmt: skip
     flop_counter = flop_counter_for(model)  # before prepare: ZeRO-3 partitions the parameters
-    optimizer = build_optimizer(parameter_groups(model, cfg.train.weight_decay), cfg.train, place.device)
+    groups = parameter_groups(model, cfg.train.weight_decay, cfg.train.lr, cfg.train.layer_lr_decay)
+    attention = attention_in_use(model)
+    optimizer = build_optimizer(groups, cfg.train, place.device)
     model, optimizer = accelerator.prepare(model, optimizer)
     if cfg.train.compile:
         compile_model(accelerator.unwrap_model(model))  # compiled lazily, at the first forward
@@ -162,6 +172,10 @@ def setup(cfg: ExperimentConfig, task: Task) -> Run:
              f"of {layout.examples_per_step} examples; {total_steps} steps")  # fmt: skip
     log.record("setup", total_steps=total_steps, steps_per_epoch=per_epoch,
                resumed_from_step=state.step if resume else None, **place.record())  # fmt: skip
+    log.info(f"attention: {attention}; learning rates: {describe_learning_rates(groups)}")
+    log.record("optimizer", layer_lr_decay=cfg.train.layer_lr_decay, attention=attention, groups=[
+        {"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"], "params": g["param_names"]} for g in groups
+    ])  # fmt: skip
     meter = ThroughputMeter(flop_counter, peak, peak_source)
     validator = Validator(cfg, task, ctx, checkpoints, log, meter)
     return Run(cfg, task, ctx, accelerator, place, log, out, model, optimizer, scheduler, state, planner,
@@ -253,7 +267,7 @@ def train(r: Run) -> None:
 
             lengths = r.ctx.splits["train"].lengths[np.concatenate(global_step)]  # every rank's examples
             state.finish_step(step_example_count(global_step), int(lengths.sum()))
-            r.meter.step(lengths)
+            r.meter.step(lengths, passes=r.planner.layout.micro_batches)
             if state.step == 1:
                 report_memory(r)
             epoch_progress = state.epoch + state.position / len(plan)

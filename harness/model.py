@@ -1,4 +1,6 @@
-"""The classifier: a pretrained encoder with a fresh task head, layer freezing and optimizer parameter groups.
+"""Loading encoders: one loader (`load_model`) for classifiers, masked-language models and bare encoders of every
+family harness/families.py knows; layer freezing, dropout overrides, attention kernels, layer-wise learning
+rates and the optimizer's parameter groups.
 
 `model.name_or_path` takes a hub id, a local folder (a previous run's `best/` included) or a built-in:
 * `builtin:tiny-bert`: a 2-layer random BERT with a small WordPiece vocabulary (synthetic words, letters and
@@ -19,20 +21,33 @@ from transformers.modeling_outputs import MaskedLMOutput
 from transformers.models.bert.modeling_bert import BertOnlyMLMHead, BertPreTrainedModel
 
 from harness.config import ModelConfig
+from harness.families import (
+    Family,
+    StructureError,
+    family_named,
+    family_of_config,
+    layer_rank,
+    structure_of,
+    transformer_in,
+)
 
 TINY_BERT = "builtin:tiny-bert"
 MINILM = "builtin:all-minilm-l6-v2"
-# Config attributes that hold encoder dropout, by model family (BERT-likes, DistilBERT).
-ENCODER_DROPOUT_KEYS = (("hidden_dropout_prob", "attention_probs_dropout_prob"), ("dropout", "attention_dropout"))
 TINY_BERT_SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+IGNORE = -100
+"""Label of a position that is not predicted (cross_entropy's default ignore_index)."""
 
 
 class ModelError(ValueError):
-    """The model named in the config cannot be used; the message names it."""
+    """The model named in the config cannot be used as configured; the message names it and the setting."""
 
 
 FUSION_FILE = "fusion.json"
 """Marks a multimodal export (harness/multimodal.py)."""
+
+ModelKind = Literal["classifier", "masked-lm", "encoder"]
+"""What `load_model` builds around the encoder: a sequence classifier (a new head where the checkpoint's does
+not fit the labels), a masked-language model (its head loaded, or new), or the bare encoder."""
 
 
 def tiny_bert_vocab() -> dict[str, int]:
@@ -50,21 +65,10 @@ def tiny_bert_config(labels: list[str], cfg: ModelConfig):
 
     vocab = tiny_bert_vocab()
     tokenizer = BertTokenizer(vocab=vocab, model_max_length=512)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        max_position_embeddings=512,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={name: i for i, name in enumerate(labels)},
-        classifier_dropout=cfg.classifier_dropout,
-        **TINY_BERT_SIZES,
-    )
+    config = BertConfig(vocab_size=len(vocab), max_position_embeddings=512, num_labels=len(labels),
+                        id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)},
+                        **TINY_BERT_SIZES)  # fmt: skip
     return tokenizer, config
-
-
-ModelKind = Literal["classifier", "masked-lm", "encoder"]
-"""What `load_model` builds around the encoder: a sequence classifier (a new head where the checkpoint's does
-not fit the labels), a masked-language model (its head loaded, or new), or the bare encoder."""
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -81,94 +85,151 @@ def load_model(
     cfg: ModelConfig, kind: ModelKind, labels: list[str] | None = None, seed: int = 0, from_config=None
 ) -> tuple[object, nn.Module]:
     """The tokenizer and model of `model.name_or_path` as a `kind` model, with the config's dropout, attention
-    and freezing applied: the one loader of the fine-tuning and pre-training tasks, the multimodal text
+    kernel and freezing applied: the one loader of the fine-tuning and pre-training tasks, the multimodal text
     encoder and the benchmarks.
 
     Weights come from the checkpoint; parts it lacks (a new head) are initialised from `seed`, the same on
     every rank. `builtin:tiny-bert` is random throughout. `from_config` builds the architecture of that config
     without weights (a multimodal export's encoder, whose weights are loaded afterwards)."""
-    label_args = {}
-    if kind == "classifier":
-        labels = labels or []
-        label_args = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
-                          label2id={name: i for i, name in enumerate(labels)})  # fmt: skip
-    if cfg.name_or_path == TINY_BERT or from_config is not None:
-        if from_config is not None:
-            tokenizer, config = None, from_config
-        else:
+    if from_config is not None or cfg.name_or_path == TINY_BERT:
+        tokenizer, config, path = None, from_config, None
+        if from_config is None:
             tokenizer, config = tiny_bert_config(labels or ["unused", "labels"], cfg)
-        for key, value in {**label_args, **dropout_overrides(config, cfg)}.items():
-            setattr(config, key, value)
-        config._attn_implementation = cfg.attn_implementation
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)  # same random weights on every rank and every run
+    else:
+        path = resolve_model_path(cfg.name_or_path)
+        tokenizer, config = _load_config_and_tokenizer(path, cfg)
+    if kind == "masked-lm" and tokenizer is not None and tokenizer.mask_token_id is None:
+        raise ModelError(f"model.name_or_path {path}: the tokenizer has no mask token; it cannot do masked-LM")
+    for key, value in {**label_settings(kind, labels), **dropout_settings(config, cfg, kind)}.items():
+        setattr(config, key, value)
+    cls = model_class(kind, config, cfg.trust_remote_code)
+    config._attn_implementation = resolve_attention(cfg.attn_implementation, cls, config)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # new weights (a new head, or all of a random model): the same on every rank
+        if path is None:
             # The class itself, not Auto*.from_config: under ZeRO-3 from_config builds inside deepspeed.zero.Init,
             # which initialises the partitioned weights differently on each world size.
-            model = model_class(kind, config)(config)
-        apply_freezing(model, cfg)
-        return tokenizer, model
-
-    from transformers import AutoConfig, AutoTokenizer
-
-    path = resolve_model_path(cfg.name_or_path)
-    if Path(path).exists() and not (Path(path) / "config.json").is_file():
-        raise ModelError(f"model.name_or_path {path}: not a model folder (no config.json)")
-    if (Path(path) / FUSION_FILE).is_file() and kind != "encoder":
-        raise ModelError(
-            f"model.name_or_path {path}: a multimodal export ({FUSION_FILE}); "
-            "set model.modalities (and data.feature_columns) as in the run that made it"
-        )
-    try:
-        config = AutoConfig.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"model.name_or_path {path}: cannot load a model from it: {exc}") from exc
-    extra = {**label_args, **dropout_overrides(config, cfg)}
-    if kind == "classifier":
-        extra["ignore_mismatched_sizes"] = True  # a checkpoint with another head size gets a fresh head
-        if cfg.classifier_dropout is not None:
-            if not hasattr(config, "classifier_dropout"):
-                raise ModelError(f"model.classifier_dropout: {type(config).__name__} has no classifier_dropout")
-            extra["classifier_dropout"] = cfg.classifier_dropout
-    elif kind == "masked-lm" and tokenizer.mask_token_id is None:
-        raise ModelError(f"model.name_or_path {path}: the tokenizer has no mask token; it cannot do masked-LM")
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)  # a new head's initialisation is part of the run's seed
-        try:
-            model = model_class(kind, config).from_pretrained(
-                path,
-                attn_implementation=cfg.attn_implementation,
-                dtype=torch.float32,  # master weights stay fp32; mixed precision is autocast's job
-                **extra,
-            )
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"model.name_or_path {path}: cannot load a {kind} model from it: {exc}") from exc
+            model = cls(config)
+        else:
+            model = _from_pretrained(cls, path, config, kind, cfg)
     apply_freezing(model, cfg)
     return tokenizer, model
 
 
-def model_class(kind: ModelKind, config) -> type[nn.Module]:
-    """The transformers class of a `kind` model for this config's family (BERT's masked-LM: ours, above)."""
+def _load_config_and_tokenizer(path: str, cfg: ModelConfig):
+    from transformers import AutoConfig, AutoTokenizer
+
+    if Path(path).exists() and not (Path(path) / "config.json").is_file():
+        raise ModelError(f"model.name_or_path {path}: not a model folder (no config.json)")
+    if (Path(path) / FUSION_FILE).is_file():
+        raise ModelError(f"model.name_or_path {path}: a multimodal export ({FUSION_FILE}); "
+                         "set model.modalities (and data.feature_columns) as in the run that made it")  # fmt: skip
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelError(f"model.name_or_path {path}: the model ships its own code (its config's auto_map); "
+                             "read it, then set model.trust_remote_code=true to run it") from exc  # fmt: skip
+        raise ModelError(f"model.name_or_path {path}: cannot load a model from it: {exc}") from exc
+    return tokenizer, config
+
+
+def _from_pretrained(cls, path: str, config, kind: ModelKind, cfg: ModelConfig) -> nn.Module:
+    try:
+        return cls.from_pretrained(
+            path,
+            config=config,
+            ignore_mismatched_sizes=kind == "classifier",  # a checkpoint with another head size gets a fresh head
+            attn_implementation=config._attn_implementation,
+            dtype=torch.float32,  # master weights stay fp32; mixed precision is autocast's job
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model.name_or_path {path}: cannot load a {kind} model from it: {exc}") from exc
+
+
+def label_settings(kind: ModelKind, labels: list[str] | None) -> dict:
+    if kind != "classifier":
+        return {}
+    labels = labels or []
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)}}  # fmt: skip
+
+
+AUTO_CLASSES = {"classifier": "AutoModelForSequenceClassification", "masked-lm": "AutoModelForMaskedLM",
+                "encoder": "AutoModel"}  # fmt: skip
+
+
+def model_class(kind: ModelKind, config, trust_remote_code: bool = False) -> type[nn.Module]:
+    """The class of a `kind` model for this config: transformers' for its family (or the model's own code, with
+    trust_remote_code); for masked-LM, a subclass that scores predicted positions only (`sparse_masked_lm`)."""
     from transformers.models.auto import modeling_auto as auto
 
-    if kind == "masked-lm" and config.model_type == "bert":
-        return BertForMaskedLMPretraining
     mapping = {"classifier": auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, "masked-lm": auto.MODEL_FOR_MASKED_LM_MAPPING,
                "encoder": auto.MODEL_MAPPING}[kind]  # fmt: skip
-    try:
-        return mapping[type(config)]
-    except KeyError:
-        raise ModelError(f"model.name_or_path: transformers has no {kind} model for {type(config).__name__}") from None
+    custom = (getattr(config, "auto_map", None) or {}).get(AUTO_CLASSES[kind])
+    if custom is not None:
+        if not trust_remote_code:
+            raise ModelError(f"model.name_or_path: the model ships its own code ({custom}, in its config's auto_map); "
+                             "read it, then set model.trust_remote_code=true to run it")  # fmt: skip
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        cls = get_class_from_dynamic_module(custom, config._name_or_path)
+    elif type(config) in mapping:
+        cls = mapping[type(config)]
+    else:
+        raise ModelError(f"model.name_or_path: transformers has no {kind} model for {type(config).__name__}")
+    if kind == "masked-lm":
+        return BertForMaskedLMPretraining if config.model_type == "bert" else sparse_masked_lm(cls, config)
+    return cls
 
 
-def dropout_overrides(config, cfg: ModelConfig) -> dict[str, float]:
-    """Config attributes that set the encoder's dropout (model.dropout), if given."""
-    if cfg.dropout is None:
-        return {}
-    keys = next((k for k in ENCODER_DROPOUT_KEYS if all(hasattr(config, a) for a in k)), None)
-    if keys is None:
-        raise ModelError(f"model.dropout: no known dropout settings in {type(config).__name__}")
-    return {key: cfg.dropout for key in keys}
+def dropout_settings(config, cfg: ModelConfig, kind: ModelKind) -> dict[str, float]:
+    """Config attributes that model.dropout and model.classifier_dropout set, for this config's family."""
+    family = family_of_config(config)
+    settings = {}
+    for value, keys_of, setting in ((cfg.dropout, "dropout_keys", "model.dropout"),
+                                    (cfg.classifier_dropout, "classifier_dropout_keys", "model.classifier_dropout")):  # fmt: skip
+        if value is None or (setting == "model.classifier_dropout" and kind != "classifier"):
+            continue
+        if family is None:
+            raise ModelError(f"{setting}: the harness does not know the dropout settings of a "
+                             f"{getattr(config, 'model_type', type(config).__name__)!r} model")  # fmt: skip
+        settings.update({key: value for key in getattr(family, keys_of)})
+    return settings
+
+
+ATTENTION_CHECKS = {
+    "sdpa": ("_supports_sdpa", None),
+    "flash_attention_2": ("_supports_flash_attn", "is_flash_attn_2_available"),
+    "flash_attention_3": ("_supports_flash_attn", "is_flash_attn_3_available"),
+    "flex_attention": ("_supports_flex_attn", "is_torch_flex_attn_available"),
+}
+
+
+def resolve_attention(requested: str, cls: type[nn.Module], config) -> str:
+    """model.attn_implementation for this class: `auto` is sdpa where the family supports it, else eager; an
+    explicit kernel the family or the installed packages cannot provide is an error naming both."""
+    import transformers.utils as hf_utils
+
+    family = getattr(family_named(getattr(config, "model_type", "")), "name", cls.__name__)
+    if requested == "auto":
+        return "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
+    if requested == "eager":
+        return requested
+    flag, available = ATTENTION_CHECKS[requested]
+    if not getattr(cls, flag, False):
+        raise ModelError(f"model.attn_implementation: {family} ({cls.__name__}) does not support {requested}; "
+                         "use auto or eager")  # fmt: skip
+    if available and not getattr(hf_utils, available)():
+        raise ModelError(f"model.attn_implementation: {requested} is not available here ({available}() is false: "
+                         "it needs its package and a supported GPU); use auto or sdpa")  # fmt: skip
+    return requested
+
+
+def attention_in_use(model: nn.Module) -> str:
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -179,7 +240,7 @@ def load_tokenizer(cfg: ModelConfig):
 
     path = resolve_model_path(cfg.name_or_path)
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelError(f"model.name_or_path {path}: cannot load a tokenizer from it: {exc}") from exc
 
@@ -187,7 +248,8 @@ def load_tokenizer(cfg: ModelConfig):
 def max_positions(model, tokenizer) -> int:
     """Longest input the model accepts (RoBERTa-style models reserve positions for padding)."""
     limit = getattr(model.config, "max_position_embeddings", None) or 10**9
-    if getattr(model.config, "model_type", "") in {"roberta", "xlm-roberta", "camembert"}:
+    family = family_named(getattr(model.config, "model_type", ""))
+    if family is not None and family.name == "RoBERTa":
         limit -= 2
     if tokenizer.model_max_length and tokenizer.model_max_length < 10**6:
         limit = min(limit, tokenizer.model_max_length)
@@ -195,37 +257,63 @@ def max_positions(model, tokenizer) -> int:
 
 
 def apply_freezing(model: nn.Module, cfg: ModelConfig) -> None:
+    """model.freeze_encoder / freeze_embeddings / freeze_layers, by the family's structure."""
     if not (cfg.freeze_embeddings or cfg.freeze_layers or cfg.freeze_encoder):
         return
-    base = model.base_model
-    embeddings = getattr(base, "embeddings", None)
-    layers = getattr(getattr(base, "encoder", None), "layer", None)
-    if embeddings is None or layers is None:
-        raise ModelError(f"freezing needs a BERT-style encoder (embeddings + encoder.layer); got {type(base).__name__}")
-    if cfg.freeze_layers > len(layers):
-        raise ModelError(f"model.freeze_layers: {cfg.freeze_layers} exceeds the encoder's {len(layers)} layers")
-    frozen: list[nn.Module] = []
-    if cfg.freeze_encoder:
-        frozen.append(base)
-    else:
-        if cfg.freeze_embeddings:
-            frozen.append(embeddings)
-        frozen += list(layers[: cfg.freeze_layers])
+    setting = "model.freeze_" + ("encoder" if cfg.freeze_encoder else "layers" if cfg.freeze_layers else "embeddings")
+    try:
+        parts = structure_of(model, setting)
+    except StructureError as exc:
+        raise ModelError(str(exc)) from exc
+    if cfg.freeze_layers > len(parts.layers):
+        shared = " (its layers share these groups' weights)" if parts.family.name == "ALBERT" else ""
+        raise ModelError(f"model.freeze_layers: {cfg.freeze_layers} exceeds the {len(parts.layers)} layers of this "
+                         f"{parts.family.name} encoder{shared}")  # fmt: skip
+    frozen: list[nn.Module] = [parts.base] if cfg.freeze_encoder else []
+    if not cfg.freeze_encoder:
+        frozen += parts.embeddings if cfg.freeze_embeddings else []
+        frozen += parts.layers[: cfg.freeze_layers]
     for module in frozen:
-        for p in module.parameters():
-            p.requires_grad_(False)
+        module.requires_grad_(False)
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: biases and LayerNorm weights (all 1-d parameters) get no weight decay."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+def parameter_groups(model: nn.Module, weight_decay: float, lr: float, layer_lr_decay: float = 1.0) -> list[dict]:
+    """The optimizer's parameter groups: weight decay for matrices only (biases and LayerNorm weights, all 1-d
+    parameters, get none); with layer-wise decay < 1, the head gets `lr`, encoder layer k of L (bottom k = 0)
+    `lr * decay ** (L - k)` and the embedding side `lr * decay ** (L + 1)`. Each group is named (`name`) for
+    the log."""
+    rank: dict[int, int] = {}
+    layers = 0
+    if layer_lr_decay != 1.0:
+        try:
+            parts = structure_of(transformer_in(model), "train.layer_lr_decay")
+        except StructureError as exc:
+            raise ModelError(str(exc)) from exc
+        rank, layers = layer_rank(parts), len(parts.layers)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        exponent, decays = rank.get(id(param), 0), param.ndim >= 2
+        group = groups.setdefault((exponent, decays), {
+            "params": [], "param_names": [], "weight_decay": weight_decay if decays else 0.0,
+            "lr": lr * layer_lr_decay**exponent, "name": _group_name(exponent, layers),
+        })  # fmt: skip
+        group["params"].append(param)
+        group["param_names"].append(name)
+    return [groups[key] for key in sorted(groups, key=lambda k: (-k[0], not k[1]))]
+
+
+def describe_learning_rates(groups: list[dict]) -> str:
+    """The peak learning rates in use, head first: `head 2e-05, layer 11 1.9e-05, ..., embeddings 1.03e-05`."""
+    rates = dict.fromkeys((g["name"], g["lr"]) for g in groups)  # groups come top-down; names repeat (decay or not)
+    return ", ".join(f"{name} {lr:.3g}" for name, lr in reversed(list(rates)))
+
+
+def _group_name(exponent: int, layers: int) -> str:
+    if exponent == 0:
+        return "head"
+    return "embeddings" if exponent == layers + 1 else f"layer {layers - exponent}"
 
 
 def compile_model(module: torch.nn.Module) -> None:
@@ -242,18 +330,42 @@ def compiled_graph_count() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-IGNORE = -100
-"""Label of a position that is not predicted (cross_entropy's default ignore_index)."""
+# ----------------------------------------------------------------------------------------------------
+# Masked-LM models that score the predicted positions only
+# ----------------------------------------------------------------------------------------------------
+
+
+def _sparse_forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+    """Given `labels`, the logits at the predicted positions only ([predicted, vocab] rather than
+    [batch, length, vocab]): for a small encoder the vocabulary projection of every position costs as much as
+    the encoder. Without labels, the family's own forward."""
+    if labels is None:
+        return type(self).__mro__[1].forward(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    encoder = self.base_model
+    hidden = encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs).last_hidden_state
+    return MaskedLMOutput(logits=self.harness_family.mlm_logits(self, hidden[labels != IGNORE]))
+
+
+_SPARSE_CLASSES: dict[type, type] = {}
+
+
+def sparse_masked_lm(cls: type[nn.Module], config) -> type[nn.Module]:
+    """`cls` (a family's masked-LM class) with `_sparse_forward`; the state dict and export are `cls`'s."""
+    family: Family | None = family_named(getattr(config, "model_type", ""))
+    if family is None:
+        raise ModelError(f"harness/pretrain.py: the harness does not know the masked-LM head of a "
+                         f"{getattr(config, 'model_type', '?')!r} model")  # fmt: skip
+    if cls not in _SPARSE_CLASSES:
+        _SPARSE_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": _sparse_forward, "harness_family": family})
+    return _SPARSE_CLASSES[cls]
 
 
 class BertForMaskedLMPretraining(BertForMaskedLM):
-    """BERT's masked-LM model with two changes for continued pre-training.
+    """BERT's masked-LM model, scoring predicted positions only (`_sparse_forward`), with its pooler kept, frozen:
+    BertForMaskedLM drops it, so a classifier fine-tuned from the export would start from a random pooler."""
 
-    * The pooler is kept, frozen: BertForMaskedLM drops it, so a classifier fine-tuned from the export would
-      start from a random pooler instead of the checkpoint's.
-    * Given `labels`, logits are computed at the predicted positions only ([predicted, vocab] rather than
-      [batch, length, vocab]): for a small encoder the vocabulary projection costs as much as the encoder.
-    """
+    harness_family = family_named("bert")
+    forward = _sparse_forward
 
     def __init__(self, config):
         BertPreTrainedModel.__init__(self, config)  # BertForMaskedLM's own __init__ builds a pooler-less encoder
@@ -261,9 +373,3 @@ class BertForMaskedLMPretraining(BertForMaskedLM):
         self.cls = BertOnlyMLMHead(config)
         self.post_init()
         self.bert.pooler.requires_grad_(False)  # not used by the MLM loss; carried to the export unchanged
-
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
-        if labels is None:
-            return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        hidden = self.bert(input_ids, attention_mask=attention_mask, return_dict=True, **kwargs).last_hidden_state
-        return MaskedLMOutput(logits=self.cls(hidden[labels != IGNORE]))  # [predicted, vocab]

@@ -1,4 +1,4 @@
-"""Model FLOPs utilisation: the training FLOPs a model's config implies, and the device's measured matmul peak.
+"""Model FLOPs utilisation: the training FLOPs a model's structure implies, and the device's measured matmul peak.
 
 MFU = (training FLOPs of the real tokens processed) / wall time / (peak FLOP/s of all processes). The FLOPs
 count only useful work: padding, dropout, softmax and layer norms are overhead that lowers MFU, so it says
@@ -19,44 +19,85 @@ import torch
 MATMUL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def train_flops_per_token(non_embedding_params: int, layers: int, hidden: int, mean_length: float) -> float:
-    """Training FLOPs (forward + backward) per real token, from the model's config:
-
-        6 * N                          dense matmuls: 2 FLOPs per weight per token forward, 4 backward, where
-                                       N = parameters outside the embeddings (a lookup is not a matmul);
-      + 12 * layers * hidden * S       attention: the scores Q K^T and the weighted sum A V cost 2 * S * hidden
-                                       FLOPs each per token per layer forward (4 * S * hidden), times 3 for
-                                       forward + backward;
-
-    with S the mean real (non-padding) length of a training sequence (Kaplan et al. 2020; PaLM appendix B)."""
-    return 6.0 * non_embedding_params + 12.0 * layers * hidden * mean_length
-
-
 @dataclass(frozen=True)
 class FlopCounter:
-    """Training FLOPs of a batch of sequences: the per-token formula above, summed exactly over the batch
-    (a sequence of s tokens costs 6 N s + 12 layers hidden s^2)."""
+    """Training FLOPs (forward + backward, 3x forward) of sequences with given real lengths, from the model's
+        structure (harness/families.py). A sequence of s real tokens costs
 
-    non_embedding_params: int
-    layers: int
-    hidden: int
+            6 * dense * s                    every weight of the encoder's matmuls, 2 FLOPs per token forward, 4
+                                             backward; `dense` counts a weight once per use (ALBERT's shared layer
+                                             group as often as it runs; factorised embedding projections once)
+          + 6 * head                         the task head's matmul weights (pooler, classifier, fusion head), run
+                                             once per sequence
+          + 12 * width * sum_l pairs_l(s)    attention: Q K^T and A V, 2 * width FLOPs per (query, key) pair each;
+                                             pairs = s^2 for global layers, s(2w+1) - w(w+1) for a local window of
+                                             +-w (ModernBERT's sliding layers), summed over attention applications
+          + 6 * width * s * 2k * types * L   DeBERTa's disentangled attention: each layer scores every query
+                                             against 2k relative positions, one matmul per type (c2p, p2c)
 
-    def flops(self, lengths: np.ndarray) -> float:
-        lengths = np.asarray(lengths, dtype=np.float64)
-        return 6.0 * self.non_embedding_params * lengths.sum() + 12.0 * self.layers * self.hidden * (lengths**2).sum()
+    plus, once per forward pass (micro-batch), 6 * width^2 * 2k * types * L: DeBERTa projects its 2k relative
+    embeddings through each layer's query or key weights.
+
+        (Kaplan et al. 2020; PaLM appendix B). Not counted, as not useful work or not per token: padding, dropout,
+        softmax, norms, embedding lookups, and a
+        masked-LM head (it runs on the predicted tokens only; its decoder is the tied word embedding). Frozen
+        weights are counted as trained (an upper bound of their backward)."""
+
+    dense: int
+    head: int
+    width: int
+    windows: tuple[int | None, ...]
+    """One entry per attention application in a forward pass: None (global) or the local window w."""
+    relative: int = 0
+    """DeBERTa: 2k x score types x layers (0 elsewhere)."""
+
+    def flops(self, lengths: np.ndarray, passes: int = 1) -> float:
+        """Training FLOPs of sequences of these real lengths, run in `passes` forward passes (micro-batches)."""
+        s = np.asarray(lengths, dtype=np.float64)
+        pairs = sum(attention_pairs(s, w).sum() for w in self.windows)
+        attention = 12.0 * self.width * pairs + 6.0 * self.width * self.relative * s.sum()
+        relative_projections = 6.0 * self.width**2 * self.relative * passes
+        return float(6.0 * self.dense * s.sum() + 6.0 * self.head * len(s) + attention + relative_projections)
+
+
+def attention_pairs(lengths: np.ndarray, window: int | None) -> np.ndarray:
+    """(query, key) pairs a bidirectional attention layer scores per sequence: s^2, or with a local window of
+    +-w, s(2w+1) - w(w+1) (the two corners a window cannot reach) once s > w."""
+    if window is None:
+        return lengths**2
+    return np.where(lengths <= window + 1, lengths**2, lengths * (2 * window + 1) - window * (window + 1))
 
 
 def flop_counter_for(model: torch.nn.Module) -> FlopCounter | None:
-    """From a transformer's config (BERT-likes, DistilBERT); None where the model has no such config."""
-    config = getattr(model, "config", None)
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers", None)
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", None)
-    if not layers or not hidden:
+    """The counter for a model of a family harness/families.py knows (inside a multimodal classifier too); None
+    for other models."""
+    from harness.families import StructureError, structure_of, transformer_in
+
+    encoder = transformer_in(model)
+    try:
+        parts = structure_of(encoder, "MFU")
+    except StructureError:
         return None
-    embedding = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    # Distinct parameters (a tied MLM decoder is the word embedding) outside the embedding tables.
-    params = {id(p): p for p in model.parameters() if id(p) not in embedding}
-    return FlopCounter(sum(p.numel() for p in params.values()), int(layers), int(hidden))
+    config = encoder.config
+
+    def matmul_weights(modules) -> int:
+        return sum(m.weight.numel() for root in modules for m in root.modules() if isinstance(m, torch.nn.Linear))
+
+    runs = parts.family.runs_per_layer(config)
+    in_encoder = {id(p) for root in [*parts.layers, *parts.embeddings] for p in root.parameters()}
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    head_modules = [m for m in model.modules() if isinstance(m, torch.nn.Linear)
+                    and id(m.weight) not in in_encoder and id(m.weight) not in tied]  # fmt: skip
+    if getattr(model, "harness_family", None) is not None:  # a masked-LM model: its head is not counted
+        head_modules = [m for m in head_modules if any(m is p for p in parts.base.modules())]
+    span, types = parts.family.relative_scores(config)
+    return FlopCounter(
+        dense=matmul_weights(parts.layers) * runs + matmul_weights(parts.embeddings),
+        head=sum(m.weight.numel() for m in head_modules),
+        width=int(config.hidden_size),
+        windows=tuple(parts.family.attention_windows(config)),
+        relative=2 * span * types * int(config.num_hidden_layers),
+    )
 
 
 def measure_peak_flops(device: str | torch.device, precision: str, size: int, reps: int) -> float:
@@ -143,12 +184,13 @@ class ThroughputMeter:
         if self._started is not None and self._stopped is None:
             self._stopped = time.monotonic()
 
-    def step(self, lengths: np.ndarray) -> None:
-        """One optimizer step over sequences of these real lengths (all ranks' examples)."""
+    def step(self, lengths: np.ndarray, passes: int) -> None:
+        """One optimizer step over sequences of these real lengths (all ranks' examples) in `passes` forward
+        passes (micro-batches, over all ranks)."""
         self.examples += len(lengths)
         self.tokens += int(lengths.sum())
         if self.flop_counter is not None:
-            self.flops += self.flop_counter.flops(lengths)
+            self.flops += self.flop_counter.flops(lengths, passes)
 
     @contextmanager
     def paused(self, what: str) -> Iterator[None]:

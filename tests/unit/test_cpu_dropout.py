@@ -118,7 +118,7 @@ def test_a_swapped_model_evaluates_identically_and_exports_plain_sdpa(tmp_path):
     before = model(**batch).logits
     swapped = cpu_dropout.use_fast_cpu_dropout(model)
     # embeddings, then per layer attention (its p), attention output and feed-forward output, then the head
-    assert swapped == {"dropout_modules": 1 + 2 * 3 + 1, "attention_models": 1}
+    assert swapped == {"dropout_modules": 1 + 2 * 3 + 1, "attention_models": 1, "kept": []}
     assert model.config._attn_implementation == ATTENTION_NAME
     assert all(type(m) is not nn.Dropout for m in model.modules())
     assert torch.equal(model(**batch).logits, before)

@@ -28,7 +28,7 @@ def test_freezing(freeze, frozen_prefixes, trained_prefixes):
         assert not any(n.startswith(prefix) for n in names), prefix
     for prefix in trained_prefixes:
         assert any(n.startswith(prefix) for n in names), prefix
-    with pytest.raises(ModelError, match="exceeds the encoder's 2 layers"):
+    with pytest.raises(ModelError, match="model.freeze_layers: 3 exceeds the 2 layers of this BERT encoder"):
         load_model(ModelConfig(name_or_path=TINY_BERT, freeze_layers=3), "classifier", LABELS, seed=0)
 
 
@@ -43,7 +43,7 @@ def test_head_size_dropout_and_seeded_init():
 
 def test_no_weight_decay_on_biases_and_layernorm():
     _, model = load_model(ModelConfig(name_or_path=TINY_BERT, freeze_embeddings=True), "classifier", LABELS, seed=0)
-    decay, no_decay = parameter_groups(model, weight_decay=0.05)
+    decay, no_decay = parameter_groups(model, weight_decay=0.05, lr=1e-3)
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert all(names[id(p)].endswith("weight") and "LayerNorm" not in names[id(p)] for p in decay["params"])

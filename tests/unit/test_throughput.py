@@ -1,42 +1,47 @@
-"""MFU arithmetic: FLOPs from a model's config, exactly summed over a batch's lengths."""
+"""MFU arithmetic: FLOPs from a model's structure, exactly summed over a batch's lengths (every family's count
+against torch's FlopCounterMode: tests/unit/test_families.py)."""
 
 import time
 
 import numpy as np
 import pytest
 import torch
-from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification
 
-from harness.throughput import FlopCounter, flop_counter_for, measure_peak_flops, train_flops_per_token
+from harness.config import ModelConfig
+from harness.model import load_model
+from harness.throughput import FlopCounter, attention_pairs, flop_counter_for, measure_peak_flops
 
 CONFIG = dict(vocab_size=500, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
               max_position_embeddings=128)  # fmt: skip
 
 
-def test_counter_excludes_embeddings_and_counts_attention_per_sequence():
+def test_counter_counts_layer_matmuls_per_token_the_head_per_sequence_and_attention_per_pair():
     model = BertForSequenceClassification(BertConfig(**CONFIG, num_labels=2))
     counter = flop_counter_for(model)
-    embeddings = sum(p.numel() for p in model.bert.embeddings.parameters()) - sum(
-        p.numel() for p in model.bert.embeddings.LayerNorm.parameters()
-    )  # the three lookup tables; the embedding LayerNorm is counted like any other weight
-    assert counter == FlopCounter(sum(p.numel() for p in model.parameters()) - embeddings, 3, 32)
-    # One sequence of s tokens: s times the benchmark's per-token formula at mean length s.
-    assert counter.flops(np.array([40])) == pytest.approx(
-        40 * train_flops_per_token(counter.non_embedding_params, 3, 32, 40)
-    )
+    per_layer = 4 * 32 * 32 + 2 * 32 * 64  # Q, K, V, output; the MLP's two matrices
+    assert counter == FlopCounter(dense=3 * per_layer, head=32 * 32 + 2 * 32, width=32, windows=(None,) * 3)
     # Sequences of 10 and 30 cost more attention than two of 20 (s^2 per sequence), the same dense work.
-    n = counter.non_embedding_params
     assert counter.flops(np.array([10, 30])) - counter.flops(np.array([20, 20])) == pytest.approx(12 * 3 * 32 * 200)
-    assert counter.flops(np.array([10, 30])) == pytest.approx(6 * n * 40 + 12 * 3 * 32 * (100 + 900))
+    assert counter.flops(np.array([10, 30])) == pytest.approx(
+        6 * 3 * per_layer * 40 + 6 * (32 * 32 + 64) * 2 + 12 * 3 * 32 * (100 + 900)
+    )
 
 
-def test_tied_mlm_decoder_is_the_embedding_not_a_second_matrix():
-    mlm = BertForMaskedLM(BertConfig(**CONFIG))
-    classifier = BertForSequenceClassification(BertConfig(**CONFIG, num_labels=2))
-    head = 32 * 32 + 32 + 2 * 32 + 500  # MLM transform dense + its LayerNorm + the decoder bias
-    pooler_and_classifier = 32 * 32 + 32 + 2 * 32 + 2
-    assert (flop_counter_for(mlm).non_embedding_params - head
-            == flop_counter_for(classifier).non_embedding_params - pooler_and_classifier)  # fmt: skip
+def test_local_windows_count_only_the_pairs_a_query_sees():
+    lengths = np.array([5, 20])
+    assert list(attention_pairs(lengths, None)) == [25, 400]
+    # +-4: 9 keys per query away from the ends; the 2 x (4 + 3 + 2 + 1) corner pairs fall outside the sequence.
+    assert list(attention_pairs(lengths, 4)) == [25, 20 * 9 - 20]
+
+
+def test_masked_lm_heads_are_not_counted():
+    classifier = flop_counter_for(
+        load_model(ModelConfig(name_or_path="builtin:tiny-bert"), "classifier", ["a", "b"])[1]
+    )
+    mlm = flop_counter_for(load_model(ModelConfig(name_or_path="builtin:tiny-bert"), "masked-lm")[1])
+    assert mlm.dense == classifier.dense and mlm.head == 64 * 64  # the (frozen) pooler only
+    assert classifier.head == 64 * 64 + 2 * 64
 
 
 def test_models_without_a_transformer_config_have_no_counter():
