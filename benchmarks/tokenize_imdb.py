@@ -32,7 +32,7 @@ if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # import the harness from the project root
 
 from benchmarks.workloads import DEFAULT_DATA  # noqa: E402
-from harness.config import DataConfig, ModelConfig  # noqa: E402
+from harness.config import DataConfig, ExperimentConfig, ModelConfig  # noqa: E402
 from harness.data.sources import load_raw_splits  # noqa: E402
 from harness.data.tokenize import tokenize_split  # noqa: E402
 from harness.model import load_tokenizer  # noqa: E402
@@ -59,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # the fast tokenizer's own threads, as in a run
 
     with tempfile.TemporaryDirectory(prefix="tokenize-bench-") as cache:
-        cfg = DataConfig(source="path", path=str(opts.data), max_length=opts.max_length, cache_dir=cache)
-        read_seconds, splits = timed(lambda: load_raw_splits(cfg, seed=0))
+        experiment = ExperimentConfig(data=DataConfig(source="path", path=str(opts.data), max_length=opts.max_length,
+                                                      cache_dir=cache))  # fmt: skip
+        cfg = experiment.data
+        read_seconds, splits = timed(lambda: load_raw_splits(experiment))
         if opts.limit:
             splits = {name: split.select(range(min(opts.limit, len(split)))) for name, split in splits.items()}
         tokenizer = load_tokenizer(ModelConfig(name_or_path=opts.model))

@@ -30,7 +30,7 @@ import torch
 
 from harness.config import AugmentConfig, ConfigError, DataConfig
 from harness.data.collate import PadCollator
-from harness.data.tokenize import special_affixes, truncate
+from harness.data.tokenize import TextEncoder
 
 Augmentation = Callable[[list[str], np.random.Generator, float, "AugmentContext"], list[str]]
 AUGMENTATIONS: dict[str, Augmentation] = {}
@@ -164,15 +164,10 @@ class AugmentingCollator:
     pad: PadCollator
 
     def __post_init__(self):
-        self.prefix, self.suffix = special_affixes(self.tokenizer)
+        self.encoder = TextEncoder.of(self.tokenizer, self.data)
 
     def __call__(self, examples: list[tuple]) -> dict[str, torch.Tensor]:
         texts = [self.augmenter(self.texts[example[0]], example[0], self.epoch) for example in examples]
-        encoded = self.tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
-        budget = self.data.max_length - len(self.prefix) - len(self.suffix)
-        rows = [  # the example with its new token ids; its other fields pass through
-            (example[0], np.asarray(self.prefix + truncate(ids, budget, self.data.truncation, self.data.head_tokens)
-                                    + self.suffix), *example[2:])
-            for example, ids in zip(examples, encoded, strict=True)
-        ]  # fmt: skip
-        return self.pad(rows)
+        encoded, _ = self.encoder.encode(texts)  # truncated exactly as the cached (unaugmented) texts are
+        rows = [(example[0], np.asarray(ids), *example[2:]) for example, ids in zip(examples, encoded, strict=True)]
+        return self.pad(rows)  # the examples with their new token ids; their other fields pass through

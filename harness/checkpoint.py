@@ -29,6 +29,7 @@ from harness.console import LossWindow, RunLog
 from harness.data.sampler import EpochPlanner, StepLayout
 from harness.distributed import EXIT_REQUEUE, RunPlace, StopRequest
 from harness.evaluation import BestSoFar
+from harness.serving import ServingSpec
 
 
 def state_dict_copy(accelerator: Accelerator, model: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:
@@ -63,9 +64,11 @@ def load_weights(
 
 
 def export_model(
-    accelerator: Accelerator, model: torch.nn.Module, tokenizer, state: dict[str, torch.Tensor], path: Path
+    accelerator: Accelerator, model: torch.nn.Module, tokenizer, state: dict[str, torch.Tensor], path: Path,
+    serving: ServingSpec | None = None,
 ) -> None:
-    """Write `state` as a Hugging Face model folder at `path`, replacing it only once complete."""
+    """Write `state` as a Hugging Face model folder at `path` (with its input pipeline, `serving`), replacing it
+    only once complete."""
     if accelerator.is_main_process:
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -79,6 +82,8 @@ def export_model(
             safe_serialization=True,
         )
         tokenizer.save_pretrained(tmp)
+        if serving is not None:
+            serving.write(tmp)
         old = path.with_name(path.name + ".old")
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -269,7 +274,7 @@ class TrainState:
     tokens_seen: int = 0
     window_loss_per_rank: list[float] = field(default_factory=list)
     """Each rank's summed loss since the last train log line."""
-    window_weight: int = 0
+    window_weight: float = 0
     """What the window's summed loss is divided by: the steps' weights (examples, or predicted tokens)."""
     nonfinite_streak: int = 0
     skipped_steps: int = 0
@@ -338,13 +343,14 @@ class CheckpointManager:
     tests the same model an uninterrupted one would."""
 
     def __init__(self, cfg: ExperimentConfig, accelerator: Accelerator, place: RunPlace, log: RunLog,
-                 stop: StopRequest, tokenizer):  # fmt: skip
+                 stop: StopRequest, tokenizer, serving: ServingSpec | None = None):  # fmt: skip
         self.cfg = cfg
         self.accelerator = accelerator
         self.place = place
         self.log = log
         self.stop = stop
         self.tokenizer = tokenizer
+        self.serving = serving
         self.out = Path(cfg.output_dir)
         self.dir = self.out / "checkpoints"
         self.best_weights: dict[str, torch.Tensor] | None = None
@@ -434,12 +440,12 @@ class CheckpointManager:
     def keep_best(self, model: torch.nn.Module) -> None:
         """Remember the model's current weights as the best and export them to best/ (collective)."""
         self.best_weights = state_dict_copy(self.accelerator, model, self.place.zero_stage)
-        export_model(self.accelerator, model, self.tokenizer, self.best_weights, self.out / "best")
+        export_model(self.accelerator, model, self.tokenizer, self.best_weights, self.out / "best", self.serving)
 
     def export_final(self, model: torch.nn.Module) -> None:
         """The model as it is now to final/ (collective)."""
         weights = state_dict_copy(self.accelerator, model, self.place.zero_stage)
-        export_model(self.accelerator, model, self.tokenizer, weights, self.out / "final")
+        export_model(self.accelerator, model, self.tokenizer, weights, self.out / "final", self.serving)
 
     def restore_best(self, model: torch.nn.Module) -> None:
         """Put the best weights back into the model (collective)."""

@@ -57,13 +57,39 @@ class ModelConfig:
 
 
 @dataclass
+class TaskConfig:
+    problem_type: Literal["single_label", "multi_label", "regression"] = "single_label"
+    """single_label: one class per example (cross-entropy); multi_label: any subset of data.labels (BCE); regression:
+    one number per example (MSE)."""
+
+
+@dataclass
 class DataConfig:
-    source: Literal["imdb", "path", "synthetic"] = "imdb"
-    """Where the data comes from: the hub's stanfordnlp/imdb, a local folder (`data.path`), or built-in synthetic."""
+    source: Literal["imdb", "hub", "path", "synthetic"] = "imdb"
+    """Where the data comes from: the hub's stanfordnlp/imdb, any hub dataset (`data.dataset`), a local folder
+    (`data.path`), or built-in synthetic reviews."""
     path: str | None = None
     """For source=path: an aclImdb folder, or a folder with train.* and test.* (parquet, csv, jsonl)."""
+    dataset: str | None = None
+    """For source=hub: the dataset id (or a local folder laid out like a hub dataset repository)."""
+    dataset_config: str | None = None
+    """For source=hub: the dataset's configuration (subset) name, if it has several."""
+    train_split: str = "train"
+    """For source=hub: the split to train on."""
+    test_split: str = "test"
+    """For source=hub: the split to test on."""
+    validation_split: str | None = None
+    """For source=hub: a split to validate on; null carves data.validation_size examples from train."""
+    text_column: str = "text"
+    """Column holding the text."""
+    text_pair_column: str | None = None
+    """Column holding the second text of a pair (NLI, paraphrase); tokenized as a pair, the longer side cut first."""
+    label_column: str = "label"
+    """Column holding the label: a class (name or id), a list of class names (multi_label), or a number (regression)."""
+    label_columns: list[str] = field(default_factory=list)
+    """multi_label only: one 0/1 column per label instead of label_column; the column names are the label names."""
     labels: list[str] = field(default_factory=lambda: ["neg", "pos"])
-    """Label names in id order; integer labels index this list, string labels must be in it."""
+    """Label names in id order; integer labels index this list, string labels must be in it (not for regression)."""
     max_length: int = 512
     """Tokens per example, special tokens included."""
     truncation: Literal["head", "tail", "head_tail"] = "head"
@@ -124,6 +150,9 @@ class TrainConfig:
     """Warmup steps; overrides warmup_ratio when > 0."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
+    class_weights: list[float] | Literal["balanced"] | None = None
+    """single_label only: per-class loss weights in data.labels order, or `balanced` (n / (classes x count) from the
+    training split); the loss is the weighted mean, as torch's cross_entropy computes it."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Mixed precision mode (fp16 uses loss scaling and needs a GPU)."""
     compile: bool = False
@@ -140,8 +169,18 @@ class EvalConfig:
     """Validate every N optimizer steps (0: only at each epoch end)."""
     batch_size: int = 64
     """Examples per evaluation batch per process."""
-    metric: Literal["loss", "accuracy", "precision", "recall", "f1_macro", "f1_micro"] = "loss"
-    """Validation metric that selects the best checkpoint (loss is minimised, the rest maximised)."""
+    metric: Literal["loss", "accuracy", "precision", "recall", "f1_macro", "f1_micro", "subset_accuracy", "mse", "mae",
+                    "pearson", "spearman"] = "loss"  # fmt: skip
+    """Validation metric that selects the best checkpoint (loss, mse and mae are minimised, the rest maximised)."""
+    threshold: float = 0.5
+    """multi_label: a label is predicted where its probability reaches this."""
+    long_documents: Literal["truncate", "windows"] = "truncate"
+    """Validation and test texts: cut by data.truncation, or read whole in windows of data.max_length tokens whose
+    logits are pooled (eval.window_pooling)."""
+    window_stride: int = 128
+    """For windows: tokens each window shares with the one before it."""
+    window_pooling: Literal["mean", "max"] = "mean"
+    """For windows: how a text's window logits become its logits."""
     patience: int = 0
     """Stop after this many validations without improvement (0: never stop early)."""
 
@@ -203,6 +242,8 @@ class ExperimentConfig:
     """Seed for data splits, shuffling, initialisation and dropout."""
     overwrite: bool = False
     """Allow writing into a non-empty output_dir (its previous results are replaced)."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """What is predicted."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Encoder and head."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -414,7 +455,8 @@ def parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
 def validate(cfg: ExperimentConfig) -> list[str]:
     """Value checks that types alone cannot express; returns every problem found, section by section."""
     problems = [] if cfg.output_dir else ["output_dir: must not be empty"]
-    for check in (_check_train, _check_data, _check_eval_and_checkpoint, _check_runtime_and_logging, _check_model):
+    checks = (_check_task, _check_train, _check_data, _check_eval_and_checkpoint, _check_runtime_and_logging, _check_model)
+    for check in checks:
         problems += check(cfg)
     if isinstance(cfg, PretrainConfig):
         problems += _check_pretraining(cfg)
@@ -459,8 +501,10 @@ def _check_data(cfg: ExperimentConfig) -> list[str]:
         p.append(f"data.head_tokens: must be between 1 and data.max_length - 3, got {d.head_tokens}")
     if d.source == "path" and not d.path:
         p.append("data.path: required when data.source is 'path'")
-    if len(d.labels) < 2 or len(set(d.labels)) != len(d.labels):
-        p.append(f"data.labels: need at least two distinct names, got {d.labels}")
+    if d.source == "hub" and not d.dataset:
+        p.append("data.dataset: required when data.source is 'hub' (a dataset id, e.g. stanfordnlp/imdb)")
+    if d.source != "hub" and (d.dataset or d.dataset_config or d.validation_split):
+        p.append(f"data.dataset, data.dataset_config, data.validation_split: for data.source=hub, not {d.source!r}")
     if d.validation_size < 1:
         p.append(f"data.validation_size: must be >= 1, got {d.validation_size}")
     for key in ("max_train_samples", "max_eval_samples"):
@@ -472,6 +516,44 @@ def _check_data(cfg: ExperimentConfig) -> list[str]:
             p.append(f"data.{key}: must be >= 1, got {getattr(d, key)}")
     if d.num_workers < 0:
         p.append(f"data.num_workers: must be >= 0, got {d.num_workers}")
+    return p
+
+
+CLASSIFICATION_METRICS = ("accuracy", "precision", "recall", "f1_macro", "f1_micro")
+METRICS_BY_PROBLEM = {
+    "single_label": ("loss", *CLASSIFICATION_METRICS),
+    "multi_label": ("loss", "subset_accuracy", "f1_macro", "f1_micro"),
+    "regression": ("loss", "mse", "mae", "pearson", "spearman"),
+}
+
+
+def _check_task(cfg: ExperimentConfig) -> list[str]:
+    p = []
+    problem, d, e, t = cfg.task.problem_type, cfg.data, cfg.eval, cfg.train
+    names = d.label_columns if problem == "multi_label" and d.label_columns else d.labels
+    if problem == "single_label" and (len(names) < 2 or len(set(names)) != len(names)):
+        p.append(f"data.labels: need at least two distinct names, got {names}")
+    if problem == "multi_label" and (not names or len(set(names)) != len(names)):
+        p.append(f"data.labels (or data.label_columns): need distinct label names, got {names}")
+    if d.label_columns and problem != "multi_label":
+        p.append("data.label_columns: one 0/1 column per label is a multi_label layout; set task.problem_type=multi_label")
+    if t.class_weights is not None and problem != "single_label":
+        p.append(f"train.class_weights: for single_label problems, not {problem}")
+    if isinstance(t.class_weights, list) and (len(t.class_weights) != len(names) or min(t.class_weights) <= 0):
+        p.append(f"train.class_weights: one positive weight per label of {names}, got {t.class_weights}")
+    if e.metric not in METRICS_BY_PROBLEM[problem] and not isinstance(cfg, PretrainConfig):
+        p.append(f"eval.metric: {e.metric!r} does not apply to {problem}; choose from {METRICS_BY_PROBLEM[problem]}")
+    if not 0 < e.threshold < 1:
+        p.append(f"eval.threshold: must be in (0, 1), got {e.threshold}")
+    if d.source in ("synthetic", "imdb") and problem != "single_label":
+        p.append(f"task.problem_type: {problem} needs labels of that kind; data.source={d.source} has sentiment classes "
+                 "(use data.source=path or hub with data.label_column)")  # fmt: skip
+    if e.long_documents == "windows":
+        if d.text_pair_column:
+            p.append("eval.long_documents: windows reads single long texts; it does not apply to text pairs")
+        if not 0 <= e.window_stride < d.max_length // 2:
+            p.append(f"eval.window_stride: tokens shared by consecutive windows, 0 to data.max_length / 2, "
+                     f"got {e.window_stride}")  # fmt: skip
     return p
 
 

@@ -133,7 +133,9 @@ class RunLog:
     def metrics_table(self, title: str, rows: dict[str, dict[str, float]]) -> None:
         if not self.is_main:
             return
-        names = ["loss", "accuracy", "precision", "recall", "f1_macro", "f1_micro", "perplexity"]
+        # Every scalar score the rows have (classification, multi-label, regression or masked-LM), in order.
+        names = list(dict.fromkeys(n for values in rows.values() if values for n, v in values.items()
+                                   if isinstance(v, float) and n != "samples"))  # fmt: skip
         if self.console is None:
             for split, values in rows.items():
                 self.info(f"{title} [{split}] " + "  ".join(f"{n} {values[n]:.4f}" for n in names if n in values))
@@ -151,24 +153,24 @@ class LossWindow:
     """The training loss since the last log line: each rank sums its steps' losses on the device (no host sync
     per step) and the steps' weights; the ranks' sums are read only when a line is logged or a checkpoint saved."""
 
-    def __init__(self, accelerator, per_rank: list[float], weight: int):
+    def __init__(self, accelerator, per_rank: list[float], weight: float):
         self.accelerator = accelerator
         start = per_rank[accelerator.process_index] if per_rank else 0.0
         self.loss_sum = torch.tensor(start, device=accelerator.device)
         self.weight = weight
 
-    def add(self, step_loss: torch.Tensor, weight: int) -> None:
+    def add(self, step_loss: torch.Tensor, weight: float) -> None:
         self.loss_sum += step_loss
         self.weight += weight
 
-    def skip(self, weight: int) -> None:
+    def skip(self, weight: float) -> None:
         """A skipped step's weight still counts (as when it is logged: the window's steps, applied or not)."""
         self.weight += weight
 
     def mean(self) -> float:
         """The window's loss over all ranks; then a new window starts. Host sync: one all-reduce and one read."""
         total = self.accelerator.reduce(self.loss_sum, reduction="sum").item()
-        loss = total / max(1, self.weight)
+        loss = total / (self.weight if self.weight > 0 else 1)
         self.loss_sum.zero_()
         self.weight = 0
         return loss

@@ -1,46 +1,24 @@
-"""Evaluation: sharded forward passes, predictions gathered from every rank, metrics via `evaluate`.
+"""Evaluation: sharded forward passes whose per-example outputs are gathered from every rank; model selection.
 
 Each rank evaluates its share of length-sorted batches (see `plan_eval`), then every rank receives all
-(index, prediction, loss) records. Records are put back in example order before anything is summed, so the
-numbers equal a single process's on the same set: nothing is duplicated or dropped, whatever the world size.
+per-example records (logits, or a task's own values). Records are put back in example order before anything
+is summed, so the numbers equal a single process's on the same set: nothing is duplicated or dropped, whatever
+the world size. What the logits mean (losses, metrics, predictions) is harness/objectives.py's.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
 from harness.data.sampler import plan_eval
-from harness.data.tokenize import TokenizedSplit
-
-METRIC_MODULE = Path(__file__).parent / "metrics" / "classification.py"
-LOWER_IS_BETTER = {"loss"}
-
-
-@functools.cache
-def load_metric(module: Path = METRIC_MODULE):
-    """A metric module shipped with the package (by path: `evaluate.load` of a hub name needs the network),
-    loaded once per process, at the first evaluation: importing `evaluate` costs a process about a second."""
-    import evaluate
-
-    # evaluate copies the module into its cache under a file lock, so every rank may load it at once;
-    # keep_in_memory: predictions are kept in memory, not in Arrow files beside it.
-    return evaluate.load(str(module), keep_in_memory=True)
-
-
-def is_improvement(value: float, best: float | None, metric: str) -> bool:
-    if best is None:
-        return True
-    return value < best if metric in LOWER_IS_BETTER else value > best
+from harness.objectives import is_improvement
 
 
 @dataclass
@@ -106,12 +84,9 @@ def gather_example_records(
     return {name: np.concatenate([g[name] for g in gathered])[order] for name in gathered[0] if name != "index"}
 
 
-def classification_scores(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-    logits = model(**model_inputs(batch)).logits.float()
-    return {
-        "prediction": logits.argmax(dim=-1),
-        "loss": F.cross_entropy(logits, batch["labels"], reduction="none").double(),
-    }
+def logits_of(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    """Per example: the model's logits in fp32 ([batch, outputs])."""
+    return {"logits": model(**model_inputs(batch)).logits.float()}
 
 
 def model_inputs(batch: dict) -> dict[str, torch.Tensor]:
@@ -120,21 +95,3 @@ def model_inputs(batch: dict) -> dict[str, torch.Tensor]:
 
 
 NOT_MODEL_INPUTS = ("labels", "index")
-
-
-def evaluate_split(
-    model: torch.nn.Module,
-    split: TokenizedSplit,
-    collator: Callable,
-    accelerator: Accelerator,
-    batch_size: int,
-    num_labels: int,
-    num_workers: int = 0,
-    pin_memory: bool = False,
-) -> dict[str, float]:
-    """Loss, accuracy, precision, recall, macro and micro F1 of `model` on `split`, identical on every rank."""
-    records = gather_example_records(
-        model, split, collator, accelerator, batch_size, classification_scores, num_workers, pin_memory
-    )
-    scores = load_metric().compute(predictions=records["prediction"], references=split.labels, num_labels=num_labels)
-    return {"loss": float(records["loss"].mean()), **scores, "samples": len(split)}

@@ -57,8 +57,9 @@ from harness.tasks import Task, TaskSetup
 from harness.tasks.classification import ClassificationTask
 from harness.throughput import ThroughputMeter, flop_counter_for, run_peak_flops
 
+PREDICTIONS_FILE = "test_predictions.jsonl"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "results.json", "best", "final", "checkpoints", "exit_status.json",
-             TRACKER_DIR)  # fmt: skip
+             PREDICTIONS_FILE, TRACKER_DIR)  # fmt: skip
 """What a run writes into output_dir: a fresh run (overwrite=true) replaces exactly these, nothing else."""
 
 
@@ -135,7 +136,7 @@ def setup(cfg: ExperimentConfig, task: Task) -> Run:
             [f"data: {len(train_split)} training examples cannot fill one step of {layout.micro_batches} micro-batches"]
         )
 
-    checkpoints = CheckpointManager(cfg, accelerator, place, log, stop, ctx.tokenizer)
+    checkpoints = CheckpointManager(cfg, accelerator, place, log, stop, ctx.tokenizer, ctx.serving)
     state = TrainState(layout=layout_list(layout))
     if resume is not None:
         state = checkpoints.restore_state(resume, layout, planner)
@@ -216,7 +217,7 @@ class Validator:
     def validate(self, model, state: TrainState, epoch: float) -> bool:
         """Validate; keep and export the model when it improves. Returns True when early stopping says stop."""
         with self.meter.paused("validation"):
-            scores = self.task.evaluate(self.ctx, model, "validation")
+            scores = self.task.evaluate(self.ctx, model, "validation").scores
             improved = state.best.update(state.step, scores)
             state.last_eval_step = state.step
             self.log.record("eval", split="validation", step=state.step, epoch=round(epoch, 4), **scores)
@@ -309,12 +310,12 @@ def forward_backward(r: Run, batches, weight: int, inject_nan: bool) -> torch.Te
 
     Accelerate divides each backward by grad_accum and DDP averages gradients over ranks, so the summed loss is
     scaled by world x grad_accum / (the step's weight) to make the update exactly sum / weight."""
-    scale = r.place.world_size * r.cfg.train.grad_accum / max(1, weight)
+    scale = r.place.world_size * r.cfg.train.grad_accum / (weight if weight > 0 else 1)
     step_loss = torch.zeros((), device=r.place.device)
     for _ in range(r.cfg.train.grad_accum):
         batch = {k: v.to(r.place.device, non_blocking=True) for k, v in next(batches).items()}
         with r.accelerator.accumulate(r.model):  # no gradient sync until the step's last micro-batch
-            loss_sum = r.task.loss_sum(r.model, batch)
+            loss_sum = r.task.loss_sum(r.ctx, r.model, batch)
             if inject_nan:
                 loss_sum = loss_sum * float("nan")  # fault injection for tests (HARNESS_INJECT_NAN_STEPS)
             r.accelerator.backward(loss_sum * scale)
@@ -404,8 +405,11 @@ def finish(r: Run) -> dict:
     final_scores = {"validation": best.validation}
     if "test" in r.ctx.splits:
         with r.meter.paused("test"):
-            final_scores["test"] = r.task.evaluate(r.ctx, r.model, "test")
-        log.record("eval", split="test", step=best.step, **final_scores["test"])
+            test = r.task.evaluate(r.ctx, r.model, "test")
+        final_scores["test"] = test.scores
+        log.record("eval", split="test", step=best.step, **test.scores)
+        if test.predictions is not None and r.place.is_main:
+            write_predictions(r.out / PREDICTIONS_FILE, test.predictions)
     log.metrics_table("best model", final_scores)
 
     results = {
@@ -432,6 +436,13 @@ def finish(r: Run) -> dict:
     r.accelerator.wait_for_everyone()
     r.accelerator.end_training()
     return results
+
+
+def write_predictions(path: Path, predictions: list[dict]) -> None:
+    """One JSON line per test example, in the test split's order: its index, true label and prediction."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps({"index": i, **row}) + "\n" for i, row in enumerate(predictions)))
+    tmp.replace(path)
 
 
 def flat_scalars(tree: dict, prefix: str = "") -> dict[str, int | float | str | bool]:

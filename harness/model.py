@@ -82,11 +82,13 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def load_model(
-    cfg: ModelConfig, kind: ModelKind, labels: list[str] | None = None, seed: int = 0, from_config=None
+    cfg: ModelConfig, kind: ModelKind, labels: list[str] | None = None, seed: int = 0, problem_type: str = "single_label",
+    from_config=None,
 ) -> tuple[object, nn.Module]:
     """The tokenizer and model of `model.name_or_path` as a `kind` model, with the config's dropout, attention
     kernel and freezing applied: the one loader of the fine-tuning and pre-training tasks, the multimodal text
-    encoder and the benchmarks.
+    encoder and the benchmarks. A classifier has one output per label (`problem_type` single_label or
+    multi_label) or one number (regression), and says which in its config (what pipelines read).
 
     Weights come from the checkpoint; parts it lacks (a new head) are initialised from `seed`, the same on
     every rank. `builtin:tiny-bert` is random throughout. `from_config` builds the architecture of that config
@@ -100,7 +102,7 @@ def load_model(
         tokenizer, config = _load_config_and_tokenizer(path, cfg)
     if kind == "masked-lm" and tokenizer is not None and tokenizer.mask_token_id is None:
         raise ModelError(f"model.name_or_path {path}: the tokenizer has no mask token; it cannot do masked-LM")
-    for key, value in {**label_settings(kind, labels), **dropout_settings(config, cfg, kind)}.items():
+    for key, value in {**label_settings(kind, labels, problem_type), **dropout_settings(config, cfg, kind)}.items():
         setattr(config, key, value)
     cls = model_class(kind, config, cfg.trust_remote_code)
     config._attn_implementation = resolve_attention(cfg.attn_implementation, cls, config)
@@ -149,11 +151,13 @@ def _from_pretrained(cls, path: str, config, kind: ModelKind, cfg: ModelConfig) 
         raise ModelError(f"model.name_or_path {path}: cannot load a {kind} model from it: {exc}") from exc
 
 
-def label_settings(kind: ModelKind, labels: list[str] | None) -> dict:
+def label_settings(kind: ModelKind, labels: list[str] | None, problem_type: str = "single_label") -> dict:
     if kind != "classifier":
         return {}
-    labels = labels or []
-    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+    from harness.objectives import HF_PROBLEM_TYPES
+
+    labels = ["score"] if problem_type == "regression" else labels or []
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "problem_type": HF_PROBLEM_TYPES[problem_type],
             "label2id": {name: i for i, name in enumerate(labels)}}  # fmt: skip
 
 

@@ -1,4 +1,4 @@
-"""IMDB (and friends) as tokenized train / validation / test splits, and their batches."""
+"""Labelled texts as tokenized train / validation / test splits, and their batches."""
 
 from __future__ import annotations
 
@@ -10,9 +10,14 @@ __all__ = ["DataError", "prepare_pretraining_splits", "prepare_text_splits"]
 
 
 def prepare_text_splits(cfg: ExperimentConfig) -> dict[str, LabelledTexts]:
-    """Raw train / validation / test texts after the validation split and the sample caps."""
-    raw = load_raw_splits(cfg.data, cfg.seed)
-    train, validation = split_validation(raw["train"], cfg.data.validation_size, cfg.seed)
+    """Raw train / validation / test texts: the source's validation split, or data.validation_size examples
+    carved from train (stratified by class for single_label); then the sample caps."""
+    raw = load_raw_splits(cfg)
+    if "validation" in raw:
+        train, validation = raw["train"], raw["validation"]
+    else:
+        stratify = cfg.task.problem_type == "single_label"
+        train, validation = split_validation(raw["train"], cfg.data.validation_size, cfg.seed, stratify)
     return {
         "train": cap(train, cfg.data.max_train_samples, cfg.seed),
         "validation": cap(validation, cfg.data.max_eval_samples, cfg.seed),
@@ -23,13 +28,13 @@ def prepare_text_splits(cfg: ExperimentConfig) -> dict[str, LabelledTexts]:
 def prepare_pretraining_splits(cfg: PretrainConfig) -> dict[str, LabelledTexts]:
     """The pre-training corpus: train texts (labels dropped) plus, with mlm.include_unlabelled, the source's
     unlabelled split; `data.validation_size` texts held out for validation. Test texts are never used."""
-    train = load_raw_splits(cfg.data, cfg.seed, splits=("train",))["train"]
+    train = load_raw_splits(cfg, splits=("train",))["train"]
     corpus = LabelledTexts(list(train.texts), [UNLABELLED] * len(train), train.origin)
-    unlabelled = load_unlabelled_split(cfg.data) if cfg.mlm.include_unlabelled else None
+    unlabelled = load_unlabelled_split(cfg) if cfg.mlm.include_unlabelled else None
     if unlabelled is not None:
         corpus = LabelledTexts(corpus.texts + unlabelled.texts, corpus.labels + unlabelled.labels,
                                f"{train.origin} + {unlabelled.origin}")  # fmt: skip
-    train, validation = split_validation(corpus, cfg.data.validation_size, cfg.seed)
+    train, validation = split_validation(corpus, cfg.data.validation_size, cfg.seed, stratify=False)
     return {
         "train": cap(train, cfg.data.max_train_samples, cfg.seed),
         "validation": cap(validation, cfg.data.max_eval_samples, cfg.seed),

@@ -41,19 +41,25 @@ class PadCollator:
         return {
             "input_ids": input_ids,  # [batch, longest]
             "attention_mask": attention_mask_for(rows, input_ids.shape[1]),  # [batch, longest], 1 for real tokens
-            "labels": torch.tensor([example[2] for example in examples], dtype=torch.long),
+            "labels": label_batch([example[2] for example in examples]),
             "index": torch.tensor([example[0] for example in examples], dtype=torch.long),
             **self.collate_fields(examples),
         }
 
     def collate_fields(self, examples: list[tuple]) -> dict[str, torch.Tensor]:
-        """Other modalities' fields (the examples' 4th item), one batch tensor each."""
+        """The examples' other fields (their 4th item): token types of pairs, padded like the ids; other
+        modalities' fields, one batch tensor each."""
         if len(examples[0]) < 4:
             return {}
-        return {
-            name: self.field_collators.get(name, stack_rows)([example[3][name] for example in examples])
-            for name in examples[0][3]
-        }
+        collators = {"token_type_ids": lambda rows: pad_rows(rows, 0, self.pad_to_multiple_of), **self.field_collators}
+        return {name: collators.get(name, stack_rows)([example[3][name] for example in examples])
+                for name in examples[0][3]}  # fmt: skip
+
+
+def label_batch(labels: list) -> torch.Tensor:
+    """[batch] int64 class ids, [batch] float32 numbers, or [batch, labels] float32 multi-hot rows."""
+    array = np.asarray(labels)
+    return torch.from_numpy(array.astype(np.int64 if np.issubdtype(array.dtype, np.integer) else np.float32))
 
 
 def stack_rows(rows: list[np.ndarray]) -> torch.Tensor:

@@ -1,8 +1,11 @@
-"""Raw labelled splits from the three sources: the hub's IMDB, a local folder, or synthetic reviews.
+"""Raw labelled splits from the sources: any hub dataset (IMDB's is the `imdb` shortcut), a local folder of
+Parquet / CSV / JSON-lines files or the Stanford aclImdb layout, or synthetic reviews.
 
-Every source returns the same thing: {"train": LabelledTexts, "test": LabelledTexts}, with texts checked
-(non-empty strings) and labels mapped to ids of `data.labels`. Bad input raises `DataError` naming the file
-and, where there is one, the row.
+Every source returns {"train": LabelledTexts, "test": LabelledTexts} (and "validation" where the source has
+one), with the configured columns read (text, an optional second text of a pair, the label or one 0/1 column
+per label, numeric features) and every cell checked: texts non-empty strings; labels turned into the task's
+targets (a class id, a multi-hot row, a number). Bad input raises `DataError` naming the file or split, the row
+and the column.
 """
 
 from __future__ import annotations
@@ -16,44 +19,90 @@ from typing import Any
 
 import numpy as np
 
-from harness.config import DataConfig
+from harness.config import ExperimentConfig
 
 FILE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".json")
 SPLITS = ("train", "test")
 UNLABELLED = -1
 """The label of a text with none (pre-training corpora)."""
+IMDB_HUB = "stanfordnlp/imdb"
 
 
 class DataError(ValueError):
-    """Unusable input data; the message names the file (and row) at fault."""
+    """Unusable input data; the message names the file (and row, and column) at fault."""
 
 
 @dataclass
 class LabelledTexts:
     texts: list[str]
-    labels: list[int]
+    labels: list
+    """Per row: a class id (single_label), a multi-hot list of 0/1 floats (multi_label), a float (regression), or
+    UNLABELLED."""
     origin: str
     """Where the rows came from, for messages."""
     features: np.ndarray | None = None
     """[rows, data.feature_columns] float32: numeric columns read beside the text (for multimodal models)."""
+    pairs: list[str] | None = None
+    """The second text of each row's pair (data.text_pair_column), or None for single texts."""
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def select(self, indices: Sequence[int]) -> LabelledTexts:
         features = self.features[np.asarray(indices, dtype=np.int64)] if self.features is not None else None
-        return LabelledTexts([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.origin, features)
+        pairs = [self.pairs[i] for i in indices] if self.pairs is not None else None
+        return LabelledTexts([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.origin,
+                             features, pairs)  # fmt: skip
 
     def content_hash(self) -> str:
-        """Hash of texts and labels: part of the tokenization cache key."""
+        """Hash of texts, pairs and labels: part of the tokenization cache key."""
         h = hashlib.sha256()
-        for text, label in zip(self.texts, self.labels, strict=True):
+        for i, (text, label) in enumerate(zip(self.texts, self.labels, strict=True)):
             h.update(text.encode())
-            h.update(b"\x00%d\x00" % label)
+            if self.pairs is not None:
+                h.update(b"\x01" + self.pairs[i].encode())
+            h.update(b"\x00%s\x00" % repr(label).encode())
         return h.hexdigest()
 
 
-def _label_id(label: Any, name_to_id: dict[str, int]) -> int | None:
+@dataclass(frozen=True)
+class TableSpec:
+    """What to read from a table and how its labels become targets (from data.* and task.problem_type)."""
+
+    problem_type: str = "single_label"
+    labels: tuple[str, ...] = ("neg", "pos")
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    label_columns: tuple[str, ...] = ()
+    feature_columns: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, cfg: ExperimentConfig) -> TableSpec:
+        d = cfg.data
+        return cls(cfg.task.problem_type, tuple(d.labels), d.text_column, d.text_pair_column, d.label_column,
+                   tuple(d.label_columns), tuple(d.feature_columns))  # fmt: skip
+
+    @property
+    def label_names(self) -> list[str]:
+        """Class names in id order (multi_label with 0/1 columns: the columns' names; regression: none)."""
+        if self.problem_type == "regression":
+            return []
+        return list(self.label_columns) if self.label_columns else list(self.labels)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        pair = (self.text_pair_column,) if self.text_pair_column else ()
+        labels = self.label_columns or (self.label_column,)
+        return (self.text_column, *pair, *labels, *self.feature_columns)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cells to targets
+# ----------------------------------------------------------------------------------------------------
+
+
+def _class_id(label: Any, name_to_id: dict[str, int]) -> int | None:
     """A label as an id into the label set: a name from it, or an integer (also as text) in range."""
     if isinstance(label, str):
         if label in name_to_id:
@@ -70,26 +119,109 @@ def _label_id(label: Any, name_to_id: dict[str, int]) -> int | None:
     return as_int if as_int == label and 0 <= as_int < len(name_to_id) else None
 
 
-def _check_rows(texts: Sequence[Any], raw_labels: Sequence[Any], labels: list[str], origin: str) -> LabelledTexts:
-    """Validate texts and map labels (ids into `labels`, or label names) to ids."""
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _targets(columns: list[Sequence[Any]], spec: TableSpec, origin: str) -> list:
+    """The label column(s) of a table as the task's targets; DataError names the row and column at fault."""
+    names = spec.label_names
+    name_to_id = {name: i for i, name in enumerate(names)}
+    where = f"column {spec.label_column!r}"
+    targets = []
+    if spec.problem_type == "multi_label" and spec.label_columns:
+        for row in range(len(columns[0])):
+            hot = []
+            for name, column in zip(spec.label_columns, columns, strict=True):
+                value = _number(column[row])
+                if value not in (0.0, 1.0):
+                    raise DataError(f"{origin}, row {row}: column {name!r} is {column[row]!r}, not 0 or 1")
+                hot.append(value)
+            targets.append(hot)
+        return targets
+    for row, value in enumerate(columns[0]):
+        if spec.problem_type == "single_label":
+            target = _class_id(value, name_to_id)
+            if target is None:
+                raise DataError(f"{origin}, row {row}: {where}: label {value!r} is not in the label set "
+                                f"(ids 0..{len(names) - 1} or names {names}; data.labels sets it)")  # fmt: skip
+        elif spec.problem_type == "regression":
+            target = _number(value)
+            if target is None:
+                raise DataError(f"{origin}, row {row}: {where} is {value!r}, not a finite number (regression)")
+        else:
+            target = _multi_hot(value, name_to_id, names, f"{origin}, row {row}: {where}")
+        targets.append(target)
+    return targets
+
+
+def _multi_hot(value: Any, name_to_id: dict[str, int], names: list[str], where: str) -> list[float]:
+    """A list of label names (or ids) as a multi-hot row; a JSON-like string such as '["a", "b"]' too (CSV)."""
+    if isinstance(value, str):
+        import json
+
+        try:
+            value = json.loads(value) if value.strip().startswith("[") else [v for v in value.split(",") if v.strip()]
+        except ValueError as exc:
+            raise DataError(f"{where}: {value!r} is not a list of labels") from exc
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise DataError(f"{where}: {value!r} is not a list of labels (multi_label)")
+    hot = [0.0] * len(names)
+    for item in value:
+        index = _class_id(item.strip() if isinstance(item, str) else item, name_to_id)
+        if index is None:
+            raise DataError(f"{where}: label {item!r} is not in the label set {names} (data.labels sets it)")
+        hot[index] = 1.0
+    return hot
+
+
+def _texts(values: Sequence[Any], origin: str, column: str) -> list[str]:
+    for row, text in enumerate(values):
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{origin}, row {row}: column {column!r}: text must be a non-empty string, got {text!r:.60}")
+    return list(values)
+
+
+def _check_rows(columns: dict[str, Sequence[Any]], spec: TableSpec, origin: str) -> LabelledTexts:
+    """A table's columns (by name) checked and turned into LabelledTexts."""
+    texts = _texts(columns[spec.text_column], origin, spec.text_column)
     if len(texts) == 0:
         raise DataError(f"{origin}: the split is empty")
-    name_to_id = {name: i for i, name in enumerate(labels)}
-    ids = []
-    for row, (text, label) in enumerate(zip(texts, raw_labels, strict=True)):
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{origin}, row {row}: text must be a non-empty string, got {text!r:.60}")
-        label_id = _label_id(label, name_to_id)
-        if label_id is None:
-            raise DataError(
-                f"{origin}, row {row}: label {label!r} is not in the label set "
-                f"(ids 0..{len(labels) - 1} or names {labels}; data.labels sets it)"
-            )
-        ids.append(label_id)
-    return LabelledTexts(list(texts), ids, origin)
+    pairs = _texts(columns[spec.text_pair_column], origin, spec.text_pair_column) if spec.text_pair_column else None
+    label_columns = [columns[name] for name in (spec.label_columns or (spec.label_column,))]
+    split = LabelledTexts(texts, _targets(label_columns, spec, origin), origin, pairs=pairs)
+    if spec.feature_columns:
+        split.features = _check_features([columns[c] for c in spec.feature_columns], spec.feature_columns, origin)
+    return split
 
 
-def _read_table(path: Path, columns: tuple[str, ...] = ("text", "label")) -> list[list[Any]]:
+def _check_features(columns: list[Sequence[Any]], names: Sequence[str], origin: str) -> np.ndarray:
+    """The feature columns as a [rows, columns] float32 array; every value must be a finite number."""
+    features = np.empty((len(columns[0]), len(names)), dtype=np.float32)
+    for j, (name, column) in enumerate(zip(names, columns, strict=True)):
+        for i, value in enumerate(column):
+            number = _number(value)
+            if number is None:
+                shown = "empty" if value is None or value == "" else repr(value)
+                raise DataError(f"{origin}, row {i}: column {name!r} is {shown}, not a finite number")
+            features[i, j] = number
+    return features
+
+
+# ----------------------------------------------------------------------------------------------------
+# Local files
+# ----------------------------------------------------------------------------------------------------
+
+
+def _read_table(path: Path, columns: Sequence[str]) -> dict[str, list[Any]]:
     """The named columns of a Parquet, CSV or JSON (lines) file."""
     import pandas as pd  # pandas (with pyarrow) reads all three formats and reports their parse errors well
 
@@ -104,8 +236,8 @@ def _read_table(path: Path, columns: tuple[str, ...] = ("text", "label")) -> lis
         raise DataError(f"{path}: cannot read it as {path.suffix[1:]}: {exc}") from exc
     missing = [c for c in columns if c not in frame.columns]
     if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; found {list(frame.columns)}")
-    return [frame[c].tolist() for c in columns]
+        raise DataError(f"{path}: missing column(s) {missing}; found {list(frame.columns)} (data.*_column sets them)")
+    return {c: frame[c].tolist() for c in columns}
 
 
 def _find_split_file(folder: Path, split: str, required: bool = True) -> Path | None:
@@ -137,7 +269,7 @@ def _read_text_files(folder: Path) -> list[str]:
     return texts
 
 
-def _read_aclimdb_split(root: Path, split: str, labels: list[str]) -> LabelledTexts:
+def _read_aclimdb_split(root: Path, split: str, spec: TableSpec) -> LabelledTexts:
     texts, raw_labels = [], []
     for polarity in ("neg", "pos"):
         folder = root / split / polarity
@@ -147,70 +279,90 @@ def _read_aclimdb_split(root: Path, split: str, labels: list[str]) -> LabelledTe
         texts += polarity_texts
         raw_labels += [polarity] * len(polarity_texts)
     origin = str(root / split)
-    missing = {"neg", "pos"} - set(labels)
-    if missing:
-        raise DataError(f"{origin}: the aclImdb folders are neg/pos but data.labels is {labels}")
-    return _check_rows(texts, raw_labels, labels, origin)
+    if {"neg", "pos"} - set(spec.label_names):
+        raise DataError(f"{origin}: the aclImdb folders are neg/pos but data.labels is {spec.label_names}")
+    return _check_rows({spec.text_column: texts, spec.label_column: raw_labels}, spec, origin)
 
 
-def load_path_splits(
-    path: str, labels: list[str], splits: tuple[str, ...] = SPLITS, feature_columns: Sequence[str] = ()
-) -> dict[str, LabelledTexts]:
+def load_path_splits(path: str, spec: TableSpec, splits: Sequence[str] = SPLITS) -> dict[str, LabelledTexts]:
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise DataError(f"data.path {folder}: no such folder")
     root = _aclimdb_root(folder)
     if root is not None:
-        if feature_columns:
-            raise DataError(f"{root}: an aclImdb folder has no columns; data.feature_columns needs Parquet/CSV/JSONL")
-        return {split: _read_aclimdb_split(root, split, labels) for split in splits}
+        if spec != TableSpec(labels=spec.labels):
+            raise DataError(f"{root}: an aclImdb folder has texts and neg/pos labels only; the configured columns "
+                            f"or task need Parquet/CSV/JSONL files")  # fmt: skip
+        return {split: _read_aclimdb_split(root, split, spec) for split in splits}
     loaded = {}
     for split in splits:
         file = _find_split_file(folder, split)
-        texts, raw_labels, *columns = _read_table(file, ("text", "label", *feature_columns))
-        loaded[split] = _check_rows(texts, raw_labels, labels, str(file))
-        if feature_columns:
-            loaded[split].features = _check_features(columns, feature_columns, file)
+        loaded[split] = _check_rows(_read_table(file, spec.columns), spec, str(file))
     return loaded
 
 
-def _check_features(columns: list[Sequence[Any]], names: Sequence[str], file: Path) -> np.ndarray:
-    """The feature columns as a [rows, columns] float32 array; every value must be a finite number."""
-    features = np.empty((len(columns[0]), len(names)), dtype=np.float32)
-    for j, (name, column) in enumerate(zip(names, columns, strict=True)):
-        for i, value in enumerate(column):
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
-                number = math.nan
-            if not math.isfinite(number):
-                shown = "empty" if value is None or value == "" else repr(value)
-                raise DataError(f"{file}, row {i}: column {name!r} is {shown}, not a finite number")
-            features[i, j] = number
-    return features
+# ----------------------------------------------------------------------------------------------------
+# The Hugging Face Hub (or its cache, or a local folder laid out like a dataset repository)
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_hub_splits(dataset: str, config: str | None, split_names: dict[str, str], spec: TableSpec
+                    ) -> dict[str, LabelledTexts]:  # fmt: skip
+    """`split_names` maps our split (train, test, validation) to the dataset's; columns are checked by name."""
+    import datasets
+
+    try:
+        hub = datasets.load_dataset(dataset, config)
+    except Exception as exc:  # network, missing repository, unknown config: datasets raises many kinds
+        raise DataError(f"data.dataset {dataset!r}{f' ({config})' if config else ''}: cannot load it: {exc}") from exc
+    loaded = {}
+    for ours, theirs in split_names.items():
+        origin = f"{dataset}[{theirs}]"
+        if theirs not in hub:
+            raise DataError(f"{dataset}: no split {theirs!r} (data.{ours}_split); it has {sorted(hub)}")
+        missing = [c for c in spec.columns if c not in hub[theirs].column_names]
+        if missing:
+            raise DataError(f"{origin}: missing column(s) {missing}; found {hub[theirs].column_names} "
+                            "(data.*_column sets them)")  # fmt: skip
+        loaded[ours] = _check_rows({c: hub[theirs][c] for c in spec.columns}, spec, origin)
+    return loaded
+
+
+# ----------------------------------------------------------------------------------------------------
+# Synthetic reviews, unlabelled texts, and the choice of source
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_synthetic(cfg, seed: int, spec: TableSpec = TableSpec()) -> dict[str, LabelledTexts]:
+    from harness.data.synthetic import generate_reviews
+
+    loaded = {}
+    for split, size, split_seed in (("train", cfg.synthetic_train_size, seed), ("test", cfg.synthetic_test_size,
+                                                                               seed + 1_000_003)):  # fmt: skip
+        texts, labels = generate_reviews(size, seed=split_seed)
+        loaded[split] = _check_rows({spec.text_column: texts, spec.label_column: labels}, spec, f"synthetic[{split}]")
+    return loaded
 
 
 def _unlabelled(texts: Sequence[Any], origin: str) -> LabelledTexts:
     """Texts without labels (label UNLABELLED), each checked to be a non-empty string."""
     if len(texts) == 0:
         raise DataError(f"{origin}: the split is empty")
-    for row, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{origin}, row {row}: text must be a non-empty string, got {text!r:.60}")
-    return LabelledTexts(list(texts), [UNLABELLED] * len(texts), origin)
+    return LabelledTexts(_texts(texts, origin, "text"), [UNLABELLED] * len(texts), origin)
 
 
-def load_unlabelled_split(cfg: DataConfig) -> LabelledTexts | None:
+def load_unlabelled_split(cfg: ExperimentConfig) -> LabelledTexts | None:
     """The unlabelled reviews, if the source has them: unsup.* beside train.*, aclImdb's train/unsup/, or the
-    hub's `unsupervised` split. None when a local folder has none."""
-    if cfg.source == "synthetic":
+    hub IMDB's `unsupervised` split. None when the source has none."""
+    d = cfg.data
+    if d.source in ("synthetic", "hub"):
         return None
-    if cfg.source == "imdb":
+    if d.source == "imdb":
         import datasets
 
-        hub = datasets.load_dataset("stanfordnlp/imdb", split="unsupervised")
-        return _unlabelled(hub["text"], "stanfordnlp/imdb[unsupervised]")
-    folder = Path(cfg.path or "").expanduser()
+        hub = datasets.load_dataset(IMDB_HUB, split="unsupervised")
+        return _unlabelled(hub[d.text_column], f"{IMDB_HUB}[unsupervised]")
+    folder = Path(d.path or "").expanduser()
     root = _aclimdb_root(folder)
     if root is not None:
         unsup = root / "train" / "unsup"
@@ -218,39 +370,25 @@ def load_unlabelled_split(cfg: DataConfig) -> LabelledTexts | None:
     file = _find_split_file(folder, "unsup", required=False)
     if file is None:
         return None
-    (texts,) = _read_table(file, columns=("text",))
-    return _unlabelled(texts, str(file))
+    return _unlabelled(_read_table(file, (d.text_column,))[d.text_column], str(file))
 
 
-def load_imdb_hub(labels: list[str]) -> dict[str, LabelledTexts]:
-    """stanfordnlp/imdb through `datasets` (needs the Hugging Face Hub or its local cache)."""
-    import datasets
-
-    hub = datasets.load_dataset("stanfordnlp/imdb")
-    return {
-        split: _check_rows(hub[split]["text"], hub[split]["label"], labels, f"stanfordnlp/imdb[{split}]")
-        for split in SPLITS
-    }
-
-
-def load_synthetic(cfg: DataConfig, seed: int) -> dict[str, LabelledTexts]:
-    from harness.data.synthetic import generate_reviews
-
-    train = generate_reviews(cfg.synthetic_train_size, seed=seed)
-    test = generate_reviews(cfg.synthetic_test_size, seed=seed + 1_000_003)
-    return {
-        "train": _check_rows(*train, cfg.labels, "synthetic[train]"),
-        "test": _check_rows(*test, cfg.labels, "synthetic[test]"),
-    }
-
-
-def load_raw_splits(cfg: DataConfig, seed: int, splits: tuple[str, ...] = SPLITS) -> dict[str, LabelledTexts]:
-    """The labelled `splits` (train and test; pre-training asks for train only, so needs no test file)."""
-    if cfg.feature_columns and cfg.source != "path":
-        raise DataError(f"data.feature_columns: only files (data.source=path) have columns; source is {cfg.source!r}")
-    if cfg.source == "synthetic":
-        return load_synthetic(cfg, seed)
-    if cfg.source == "path":
-        assert cfg.path is not None  # validated in config
-        return load_path_splits(cfg.path, cfg.labels, splits, cfg.feature_columns)
-    return load_imdb_hub(cfg.labels)
+def load_raw_splits(cfg: ExperimentConfig, splits: Sequence[str] = SPLITS) -> dict[str, LabelledTexts]:
+    """The labelled `splits` (train and test, plus validation where a hub dataset names one; pre-training asks
+    for train only, so needs no test file)."""
+    d = cfg.data
+    spec = TableSpec.of(cfg)
+    if (d.feature_columns or d.text_pair_column or d.label_columns) and d.source in ("synthetic", "imdb"):
+        raise DataError(f"data.feature_columns, data.text_pair_column, data.label_columns: the {d.source} source has "
+                        "text and label only; use data.source=path or hub")  # fmt: skip
+    if d.source == "synthetic":
+        return load_synthetic(d, cfg.seed, spec)
+    if d.source == "path":
+        assert d.path is not None  # validated in config
+        return load_path_splits(d.path, spec, splits)
+    dataset = IMDB_HUB if d.source == "imdb" else d.dataset
+    names = {"train": d.train_split, "test": d.test_split}
+    names = {ours: theirs for ours, theirs in names.items() if ours in splits}
+    if d.validation_split and "test" in splits:
+        names["validation"] = d.validation_split
+    return load_hub_splits(dataset, d.dataset_config if d.source == "hub" else None, names, spec)

@@ -8,14 +8,17 @@ from collections import defaultdict
 from harness.data.sources import DataError, LabelledTexts
 
 
-def split_validation(train: LabelledTexts, size: int, seed: int) -> tuple[LabelledTexts, LabelledTexts]:
-    """Stratified split: each label keeps its share of `size` (largest remainder), drawn with `seed`."""
+def split_validation(
+    train: LabelledTexts, size: int, seed: int, stratify: bool = True
+) -> tuple[LabelledTexts, LabelledTexts]:
+    """A seeded split of `size` examples; stratified (each class keeps its share of `size`, largest remainder)
+    when the labels are classes, uniformly random otherwise (multi-label rows, numbers, unlabelled texts)."""
     n = len(train)
     if size >= n:
         raise DataError(f"{train.origin}: data.validation_size ({size}) must be smaller than the train split ({n})")
     by_label: dict[int, list[int]] = defaultdict(list)
     for i, label in enumerate(train.labels):
-        by_label[label].append(i)
+        by_label[label if stratify else 0].append(i)
     exact = {label: size * len(idx) / n for label, idx in by_label.items()}
     quota = {label: int(share) for label, share in exact.items()}
     short = size - sum(quota.values())

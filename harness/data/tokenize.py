@@ -1,7 +1,11 @@
-"""Tokenization with the model's fast tokenizer, truncation strategies, and an on-disk cache.
+"""Tokenization with the model's fast tokenizer: truncation strategies, text pairs, windows over long texts, and
+an on-disk cache.
 
-The cache key covers the data (texts and labels), the tokenizer (its full serialized definition) and every
-length setting, so a changed input never reuses a stale cache and a repeated run skips tokenization.
+`TextEncoder` is the one place that turns raw text into the ids a model sees: training, evaluation, on-the-fly
+augmentation and serving (harness/predict.py) all use it, so a served model reads its input exactly as it was
+trained. The cache key covers the data (texts, pairs and labels), the tokenizer (its full serialized
+definition) and every length setting, so a changed input never reuses a stale cache and a repeated run skips
+tokenization.
 """
 
 from __future__ import annotations
@@ -16,17 +20,7 @@ import numpy as np
 from harness.config import DataConfig
 from harness.data.sources import LabelledTexts
 
-CACHE_FORMAT_VERSION = "1"
-FEATURES = datasets.Features(
-    {
-        "input_ids": datasets.Sequence(datasets.Value("int32")),
-        "label": datasets.Value("int64"),
-        "length": datasets.Value("int32"),
-    }
-)
-
-
-WORD_FEATURES = datasets.Features({**FEATURES, "word_ids": datasets.Sequence(datasets.Value("int32"))})
+CACHE_FORMAT_VERSION = "2"
 NO_WORD = -1
 """word_ids entry of a special token."""
 
@@ -37,11 +31,13 @@ class TokenizedSplit:
 
     input_ids: list[np.ndarray]
     labels: np.ndarray
+    """[examples] int64 class ids, [examples, labels] float32 multi-hot rows, or [examples] float32 numbers."""
     lengths: np.ndarray
     word_ids: list[np.ndarray] | None = None
     """Per token, the index of the word it belongs to (NO_WORD for special tokens); for whole-word masking."""
-    fields: dict[str, np.ndarray] = field(default_factory=dict)
-    """Other modalities' inputs per example (e.g. `features`: [examples, columns]), batched by stacking."""
+    fields: dict[str, np.ndarray | list] = field(default_factory=dict)
+    """Other model inputs per example: `token_type_ids` of text pairs (padded like the ids), other modalities'
+    inputs (e.g. `features`: [examples, columns], batched by stacking)."""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -49,8 +45,8 @@ class TokenizedSplit:
     def __getitem__(self, index: int) -> tuple:
         """(index, token ids, label), plus a dict of the other fields' rows when there are any."""
         if self.fields:
-            return index, self.input_ids[index], int(self.labels[index]), {k: v[index] for k, v in self.fields.items()}
-        return index, self.input_ids[index], int(self.labels[index])
+            return index, self.input_ids[index], self.labels[index], {k: v[index] for k, v in self.fields.items()}
+        return index, self.input_ids[index], self.labels[index]
 
     @property
     def real_tokens(self) -> int:
@@ -65,7 +61,28 @@ def truncate(ids: list[int], budget: int, strategy: str, head_tokens: int) -> li
         return ids[:budget]
     if strategy == "tail":
         return ids[len(ids) - budget :]
-    return ids[:head_tokens] + ids[len(ids) - (budget - head_tokens) :]
+    head = min(head_tokens, budget)
+    return ids[:head] + ids[len(ids) - (budget - head) :]
+
+
+def pair_budgets(first: int, second: int, budget: int) -> tuple[int, int]:
+    """Lengths the two sides of a pair keep: the longer side is cut first, down to the shorter's length, then
+    both alternately (the second first): what transformers' `longest_first` truncation does token by token."""
+    excess = first + second - budget
+    if excess <= 0:
+        return first, second
+    if first - excess >= second:
+        return first - excess, second
+    if second - excess >= first:
+        return first, second - excess
+    return (budget + 1) // 2, budget // 2
+
+
+def _locate(full: list[int], body: list[int], start: int = 0) -> int:
+    for i in range(start, len(full) - len(body) + 1):
+        if full[i : i + len(body)] == body:
+            return i
+    raise ValueError("cannot locate the text inside the tokenizer's special-token template")
 
 
 def special_affixes(tokenizer) -> tuple[list[int], list[int]]:
@@ -74,82 +91,171 @@ def special_affixes(tokenizer) -> tuple[list[int], list[int]]:
     Read off the template itself (transformers 5 no longer exposes build_inputs_with_special_tokens)."""
     body = tokenizer("hello", add_special_tokens=False)["input_ids"]
     full = tokenizer("hello", add_special_tokens=True)["input_ids"]
-    for start in range(len(full) - len(body) + 1):
-        if full[start : start + len(body)] == body:
-            return full[:start], full[start + len(body) :]
-    raise ValueError(f"{tokenizer.name_or_path}: cannot locate the text inside its special-token template")
+    start = _locate(full, body)
+    return full[:start], full[start + len(body) :]
+
+
+@dataclass
+class TextEncoder:
+    """Raw text, or a pair of texts, to the token ids (and token types) a model is trained on: the tokenizer's
+    own special-token template around a body cut to data.max_length by data.truncation."""
+
+    tokenizer: object
+    max_length: int
+    truncation: str = "head"
+    head_tokens: int = 128
+    token_types: bool = False
+    """Emit token type ids for pairs (where both the tokenizer and the model take them)."""
+
+    def __post_init__(self):
+        self.prefix, self.suffix = special_affixes(self.tokenizer)
+        self.budget = self.max_length - len(self.prefix) - len(self.suffix)
+        a = self.tokenizer("hello", add_special_tokens=False)["input_ids"]
+        b = self.tokenizer("world", add_special_tokens=False)["input_ids"]
+        full = self.tokenizer("hello", "world", add_special_tokens=True, return_token_type_ids=True)
+        ids, types = full["input_ids"], full.get("token_type_ids") or [0] * len(full["input_ids"])
+        ia = _locate(ids, a)
+        ib = _locate(ids, b, ia + len(a))
+        self.pair_prefix, self.pair_middle, self.pair_suffix = ids[:ia], ids[ia + len(a) : ib], ids[ib + len(b) :]
+        # Token types of the template's parts: [CLS] A [SEP] are 0 and B [SEP] 1 for BERT; all 0 for RoBERTa.
+        self.type_parts = (types[:ia], types[ia], types[ia + len(a) : ib], types[ib], types[ib + len(b) :])
+
+    @classmethod
+    def of(cls, tokenizer, data: DataConfig, token_types: bool = False) -> TextEncoder:
+        return cls(tokenizer, data.max_length, data.truncation, data.head_tokens, token_types)
+
+    def bodies(self, texts: list[str]) -> list[list[int]]:
+        """The texts' token ids without special tokens or truncation."""
+        return self.tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+
+    def encode(self, texts: list[str], pairs: list[str] | None = None) -> tuple[list[list[int]], list[list[int]] | None]:
+        """Token ids of each text (or pair), with special tokens, truncated; token type ids for pairs where
+        `token_types`, else None."""
+        if pairs is None:
+            return [self.wrap(self.cut(body, self.budget)) for body in self.bodies(texts)], None
+        budget = self.max_length - len(self.pair_prefix) - len(self.pair_middle) - len(self.pair_suffix)
+        ids, types = [], []
+        pre, type_a, mid, type_b, suf = self.type_parts
+        for a, b in zip(self.bodies(texts), self.bodies(pairs), strict=True):
+            keep_a, keep_b = pair_budgets(len(a), len(b), budget)
+            a, b = self.cut(a, keep_a), self.cut(b, keep_b)
+            ids.append(self.pair_prefix + a + self.pair_middle + b + self.pair_suffix)
+            types.append(pre + [type_a] * len(a) + mid + [type_b] * len(b) + suf)
+        return ids, types if self.token_types else None
+
+    def cut(self, body: list[int], budget: int) -> list[int]:
+        return truncate(body, budget, self.truncation, self.head_tokens)
+
+    def wrap(self, body: list[int]) -> list[int]:
+        return self.prefix + body + self.suffix
+
+    def windows(self, body: list[int], stride: int) -> list[list[int]]:
+        """A long text's body as windows of max_length tokens (special tokens included) that share `stride`
+        tokens with their neighbours and together hold every token; the last window ends at the text's end."""
+        if len(body) <= self.budget:
+            return [self.wrap(body)]
+        step = self.budget - stride
+        starts = list(range(0, len(body) - self.budget, step)) + [len(body) - self.budget]
+        return [self.wrap(body[start : start + self.budget]) for start in starts]
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
 
 
-def cache_key(split: LabelledTexts, tokenizer, cfg: DataConfig, with_word_ids: bool = False) -> str:
-    parts = [
-        "words" if with_word_ids else "ids",
-        CACHE_FORMAT_VERSION,
-        split.content_hash(),
-        tokenizer_fingerprint(tokenizer),
-        str(cfg.max_length),
-        cfg.truncation,
-        str(cfg.head_tokens if cfg.truncation == "head_tail" else 0),
-    ]
+def cache_key(split: LabelledTexts, encoder: TextEncoder, variant: str) -> str:
+    parts = [variant, CACHE_FORMAT_VERSION, split.content_hash(), tokenizer_fingerprint(encoder.tokenizer),
+             str(encoder.max_length), encoder.truncation,
+             str(encoder.head_tokens if encoder.truncation == "head_tail" else 0), str(encoder.token_types)]  # fmt: skip
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
-def tokenize_split(split: LabelledTexts, tokenizer, cfg: DataConfig, with_word_ids: bool = False) -> TokenizedSplit:
+def _label_feature(labels: list) -> datasets.Value | datasets.Sequence:
+    first = labels[0]
+    if isinstance(first, list):
+        return datasets.Sequence(datasets.Value("float32"))
+    return datasets.Value("float32" if isinstance(first, float) else "int64")
+
+
+def tokenize_split(
+    split: LabelledTexts, tokenizer, cfg: DataConfig, with_word_ids: bool = False, token_types: bool = False,
+    full: bool = False,
+) -> TokenizedSplit:  # fmt: skip
     """Tokenize (or load from the cache) one split; call on the main process first under distribution.
 
-    with_word_ids also keeps each token's word index (from the fast tokenizer's pre-tokenization)."""
+    with_word_ids also keeps each token's word index (from the fast tokenizer's pre-tokenization); full keeps
+    every token without special tokens (the bodies that `windowed` cuts into windows)."""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"{tokenizer.name_or_path}: a fast (Rust) tokenizer is required")
-    prefix, suffix = special_affixes(tokenizer)
-    budget = cfg.max_length - len(prefix) - len(suffix)
+    encoder = TextEncoder.of(tokenizer, cfg, token_types=token_types and split.pairs is not None)
 
     def encode(batch: dict) -> dict:
-        # No truncation here: head_tail needs the full sequence; we cut below.
-        encoded = tokenizer(batch["text"], add_special_tokens=False, truncation=False, verbose=False)
-        ids = [prefix + truncate(row, budget, cfg.truncation, cfg.head_tokens) + suffix for row in encoded["input_ids"]]
+        if full:
+            ids, types = encoder.bodies(batch["text"]), None
+        else:
+            ids, types = encoder.encode(batch["text"], batch.get("pair"))
         columns = {"input_ids": ids, "label": batch["label"], "length": [len(row) for row in ids]}
+        if types is not None:
+            columns["token_type_ids"] = types
         if with_word_ids:
-            no_words = [NO_WORD] * len(prefix), [NO_WORD] * len(suffix)
+            encoded = tokenizer(batch["text"], add_special_tokens=False, truncation=False, verbose=False)
+            no_words = [NO_WORD] * len(encoder.prefix), [NO_WORD] * len(encoder.suffix)
             columns["word_ids"] = [
-                no_words[0]
-                + truncate(
-                    [NO_WORD if w is None else w for w in encoded.word_ids(i)], budget, cfg.truncation, cfg.head_tokens
-                )
+                no_words[0] + encoder.cut([NO_WORD if w is None else w for w in encoded.word_ids(i)], encoder.budget)
                 + no_words[1]
                 for i in range(len(ids))
-            ]
+            ]  # fmt: skip
         return columns
 
-    key = cache_key(split, tokenizer, cfg, with_word_ids)
+    features = {"input_ids": datasets.Sequence(datasets.Value("int32")), "label": _label_feature(split.labels),
+                "length": datasets.Value("int32")}  # fmt: skip
+    if encoder.token_types:
+        features["token_type_ids"] = datasets.Sequence(datasets.Value("int8"))
+    if with_word_ids:
+        features["word_ids"] = datasets.Sequence(datasets.Value("int32"))
+    variant = "full" if full else "words" if with_word_ids else "ids"
+    key = cache_key(split, encoder, variant)
     cache_dir = Path(cfg.cache_dir).expanduser() / "tokenized"
     cache_dir.mkdir(parents=True, exist_ok=True)
-    raw = datasets.Dataset.from_dict({"text": split.texts, "label": split.labels})
-    tokenized = raw.map(
+    columns = {"text": split.texts, "label": split.labels, **({"pair": split.pairs} if split.pairs is not None else {})}
+    tokenized = datasets.Dataset.from_dict(columns).map(
         encode,
         batched=True,
         batch_size=1000,
-        remove_columns=["text"],
-        features=WORD_FEATURES if with_word_ids else FEATURES,
+        remove_columns=[c for c in columns if c != "label"],
+        features=datasets.Features(features),
         cache_file_name=str(cache_dir / f"{key}.arrow"),
         new_fingerprint=key,
         load_from_cache_file=True,
         desc="tokenizing",
     )
     table = tokenized.data.table  # the (memory-mapped) Arrow table behind the cache file
+    fields: dict = {"features": split.features} if split.features is not None else {}
+    if encoder.token_types:
+        fields["token_type_ids"] = list_rows(table, "token_type_ids")
     return TokenizedSplit(
         input_ids=list_rows(table, "input_ids"),
-        labels=table.column("label").to_numpy().astype(np.int64),
+        labels=label_array(table.column("label")),
         lengths=table.column("length").to_numpy().astype(np.int64),
         word_ids=list_rows(table, "word_ids") if with_word_ids else None,
-        fields={"features": split.features} if split.features is not None else {},
+        fields=fields,
     )
 
 
+def label_array(column) -> np.ndarray:
+    """The label column as int64 class ids, float32 numbers, or a [rows, labels] float32 multi-hot matrix."""
+    import pyarrow as pa
+
+    column = column.combine_chunks()
+    if pa.types.is_list(column.type):
+        width = len(column[0]) if len(column) else 0
+        return column.flatten().to_numpy().astype(np.float32).reshape(len(column), width)
+    values = column.to_numpy()
+    return values.astype(np.float32 if np.issubdtype(values.dtype, np.floating) else np.int64)
+
+
 def list_rows(table, name: str) -> list[np.ndarray]:
-    """A list<int32> column as one NumPy view per row into a single flat array.
+    """A list<int> column as one NumPy view per row into a single flat array.
 
     datasets' own numpy formatting converts such a column row by row through its formatter (about 17 s for
     IMDB's 50,000 reviews on 2 cores, which made a cache hit slower than tokenizing); slicing the Arrow buffers
@@ -158,3 +264,26 @@ def list_rows(table, name: str) -> list[np.ndarray]:
     flat = column.flatten().to_numpy()  # flatten() honours a sliced array's offset; .values would not
     offsets = column.offsets.to_numpy()
     return np.split(flat, offsets[1:-1] - offsets[0])
+
+
+@dataclass
+class Windows:
+    """A split of long texts as windows (`TextEncoder.windows`): the windows as a split of their own, and the
+    text each window belongs to."""
+
+    split: TokenizedSplit
+    document: np.ndarray
+    """[windows] index of the window's text."""
+    documents: int
+
+
+def windowed(bodies: TokenizedSplit, encoder: TextEncoder, stride: int) -> Windows:
+    """Cut every text (`tokenize_split(..., full=True)` bodies) into windows; each window carries its text's label."""
+    ids, document = [], []
+    for index, body in enumerate(bodies.input_ids):
+        for window in encoder.windows(body.tolist(), stride):
+            ids.append(np.asarray(window, dtype=np.int32))
+            document.append(index)
+    document = np.asarray(document, dtype=np.int64)
+    split = TokenizedSplit(ids, bodies.labels[document], np.asarray([len(w) for w in ids], dtype=np.int64))
+    return Windows(split, document, len(bodies))

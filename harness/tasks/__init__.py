@@ -19,6 +19,16 @@ import torch
 from accelerate import Accelerator
 
 from harness.distributed import RunPlace
+from harness.serving import ServingSpec
+
+
+@dataclass
+class Evaluation:
+    """A split's scores (identical on every rank; `loss` and the selection metric among them) and, where the
+    task has them, per-example predictions in example order (written for the test split)."""
+
+    scores: dict
+    predictions: list[dict] | None = None
 
 
 @dataclass
@@ -31,6 +41,8 @@ class TaskSetup:
     """train and validation, and test when the task has one."""
     accelerator: Accelerator
     place: RunPlace
+    serving: ServingSpec | None
+    """What an export needs to read raw text as in training (classifiers: harness.json beside the weights)."""
 
 
 class Task(Protocol):
@@ -43,15 +55,15 @@ class Task(Protocol):
     def train_collator(self, setup: TaskSetup, epoch: int) -> Callable:
         """Turns a micro-batch of split items into model inputs plus `labels` and `index`."""
 
-    def step_weight(self, setup: TaskSetup, global_step: list[list[int]], epoch: int) -> int:
-        """What a step's summed loss is divided by (examples, or predicted tokens), over all its micro-batches
-        on all ranks, computed identically on every rank without communication."""
+    def step_weight(self, setup: TaskSetup, global_step: list[list[int]], epoch: int) -> float:
+        """What a step's summed loss is divided by (examples, class weights, or predicted tokens), over all its
+        micro-batches on all ranks, computed identically on every rank without communication."""
 
-    def loss_sum(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    def loss_sum(self, setup: TaskSetup, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         """The micro-batch's summed (not averaged) loss."""
 
-    def evaluate(self, setup: TaskSetup, model: torch.nn.Module, split: str) -> dict:
-        """Scores of the named split, identical on every rank; `loss` and the selection metric among them."""
+    def evaluate(self, setup: TaskSetup, model: torch.nn.Module, split: str) -> Evaluation:
+        """The named split's scores (and predictions), identical on every rank."""
 
     def summary(self, scores: dict) -> str:
         """The scores in one log line."""

@@ -19,7 +19,7 @@ from harness.data.collate import attention_mask_for, pad_rows
 from harness.data.tokenize import NO_WORD, TokenizedSplit, tokenize_split
 from harness.evaluation import gather_example_records, model_inputs
 from harness.model import IGNORE, load_model
-from harness.tasks import TaskSetup
+from harness.tasks import Evaluation, TaskSetup
 
 EVAL_EPOCH = 2**31 - 1
 """Mask stream for validation: the same masks at every evaluation."""
@@ -155,7 +155,7 @@ class MaskedLMTask:
                 for name, split in texts.items()
             }
         maskers = {name: WholeWordMasker(cfg.mlm, cfg.seed, tokenizer, split) for name, split in splits.items()}
-        return MaskedLMSetup(tokenizer, model, splits, accelerator, place, maskers)
+        return MaskedLMSetup(tokenizer, model, splits, accelerator, place, None, maskers)
 
     @staticmethod
     def collator(setup: MaskedLMSetup, split: str, epoch: int) -> MaskedLMCollator:
@@ -169,24 +169,24 @@ class MaskedLMTask:
         masker = setup.maskers["train"]
         return sum(masker.count(i, epoch) for micro_batch in global_step for i in micro_batch)
 
-    def loss_sum(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    def loss_sum(self, setup: MaskedLMSetup, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         labels = batch["labels"]
         return F.cross_entropy(predicted_logits(model, batch), labels[labels != IGNORE], reduction="sum")
 
-    def evaluate(self, setup: MaskedLMSetup, model: torch.nn.Module, split: str) -> dict:
+    def evaluate(self, setup: MaskedLMSetup, model: torch.nn.Module, split: str) -> Evaluation:
         records = gather_example_records(
             model, setup.splits[split], self.collator(setup, split, EVAL_EPOCH), setup.accelerator,
             self.cfg.eval.batch_size, masked_lm_scores, self.cfg.data.num_workers, setup.place.pin_memory,
         )  # fmt: skip
         predicted = records["predicted"].sum()
         loss = float(records["loss_sum"].sum() / predicted)
-        return {
+        return Evaluation({
             "loss": loss,
             "accuracy": float(records["correct"].sum() / predicted),
             "perplexity": float(np.exp(loss)),
             "predicted_tokens": int(predicted),
             "samples": len(setup.splits[split]),
-        }
+        })  # fmt: skip
 
     @staticmethod
     def summary(scores: dict) -> str:

@@ -63,7 +63,7 @@ def case_overrides(kind, tmp_path, run_dir):
     if kind == "label outside the label set":
         bad = GOOD.assign(label=[i % 3 for i in range(40)])
         folder = write_files(tmp_path / "d", bad, GOOD)
-        return [*data, f"data.path={folder}"], "row 2: label 2 is not in the label set"
+        return [*data, f"data.path={folder}"], "row 2: column 'label': label 2 is not in the label set"
     if kind == "empty split":
         folder = write_files(tmp_path / "d", GOOD, GOOD.iloc[:0])
         return [*data, f"data.path={folder}"], "test.csv: the split is empty"

@@ -75,11 +75,12 @@ def test_argument_texts_as_jsonl_in_input_order_and_equal_to_the_pipeline(best):
     by_text = {r["text"]: r["label"] for r in rows}
     assert by_text[POSITIVE] == "pos" and by_text[NEGATIVE] == "neg"  # the model learned the synthetic signal
 
-    # The reference: transformers' own pipeline on the same folder, one text at a time (no padding).
+    # The reference: transformers' own pipeline on the same folder, one text at a time (no padding), told the
+    # run's input pipeline (head truncation at 32 tokens) that harness.predict reads from the export's harness.json.
     from transformers import pipeline
 
     classifier = pipeline("text-classification", model=str(best), device="cpu")
-    for r, expected in zip(rows, classifier(TEXTS, top_k=None), strict=True):
+    for r, expected in zip(rows, classifier(TEXTS, top_k=None, truncation=True, max_length=32), strict=True):
         top = max(expected, key=lambda e: e["score"])
         assert r["label"] == top["label"]
         for e in expected:

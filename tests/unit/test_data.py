@@ -7,7 +7,7 @@ import pytest
 
 from harness.config import DataConfig, ModelConfig
 from harness.data.collate import PadCollator
-from harness.data.sources import DataError, LabelledTexts, load_path_splits, load_synthetic
+from harness.data.sources import DataError, LabelledTexts, TableSpec, load_path_splits, load_synthetic
 from harness.data.splits import cap, split_validation
 from harness.data.tokenize import TokenizedSplit, list_rows, tokenize_split, truncate
 from harness.model import TINY_BERT, load_model
@@ -32,7 +32,7 @@ def test_path_source_reads_each_format(tmp_path, suffix):
     # Labels as names or as ids written as text (parquet columns have one type, so strings throughout).
     write_table(tmp_path / f"train{suffix}", ["good film", "bad film", 'fine, "quoted" text'], ["1", "0", "pos"])
     write_table(tmp_path / f"test{suffix}", ["ok", "meh"], ["neg", "1"])
-    splits = load_path_splits(str(tmp_path), LABELS)
+    splits = load_path_splits(str(tmp_path), TableSpec(labels=tuple(LABELS)))
     assert splits["train"].texts == ["good film", "bad film", 'fine, "quoted" text']
     assert splits["train"].labels == [1, 0, 1]
     assert splits["test"].labels == [0, 1]
@@ -41,7 +41,7 @@ def test_path_source_reads_each_format(tmp_path, suffix):
 def test_integer_label_columns(tmp_path):
     write_table(tmp_path / "train.parquet", ["a", "b"], [1, 0])
     write_table(tmp_path / "test.csv", ["c", "d"], [0, 1])
-    splits = load_path_splits(str(tmp_path), LABELS)
+    splits = load_path_splits(str(tmp_path), TableSpec(labels=tuple(LABELS)))
     assert splits["train"].labels == [1, 0] and splits["test"].labels == [0, 1]
 
 
@@ -54,7 +54,7 @@ def test_path_source_reads_the_stanford_aclimdb_layout(tmp_path):
             for i in range(n):
                 (folder / f"{i}_{1 if polarity == 'neg' else 9}.txt").write_text(f"{polarity} review {i}<br />end")
     (root / "train" / "unsup").mkdir()  # present in the real download; never read
-    splits = load_path_splits(str(tmp_path), LABELS)  # the folder above aclImdb works too
+    splits = load_path_splits(str(tmp_path), TableSpec(labels=tuple(LABELS)))  # the folder above aclImdb works too
     assert Counter(splits["train"].labels) == {0: 2, 1: 3}
     assert "pos review 0<br />end" in splits["test"].texts
 
@@ -64,9 +64,9 @@ def test_path_source_reads_the_stanford_aclimdb_layout(tmp_path):
     [
         ("missing_file", "no test file"),
         ("missing_column", "missing column(s) ['label']"),
-        ("unknown_label", "row 1: label 'maybe' is not in the label set"),
-        ("out_of_range", "row 0: label 7 is not in the label set"),
-        ("empty_text", "row 2: text must be a non-empty string"),
+        ("unknown_label", "row 1: column 'label': label 'maybe' is not in the label set"),
+        ("out_of_range", "row 0: column 'label': label 7 is not in the label set"),
+        ("empty_text", "row 2: column 'text': text must be a non-empty string"),
         ("empty_split", "the split is empty"),
         ("malformed", "cannot read it as csv"),
     ],
@@ -89,7 +89,7 @@ def test_bad_files_name_the_file_and_row(tmp_path, case, expected):
     elif case == "malformed":
         test.write_bytes(b'text,label\n"unterminated,1\n\x00\xff')
     with pytest.raises(DataError) as err:
-        load_path_splits(str(tmp_path), LABELS)
+        load_path_splits(str(tmp_path), TableSpec(labels=tuple(LABELS)))
     assert expected in str(err.value)
     if case != "missing_file":
         assert str(test) in str(err.value)
@@ -97,7 +97,7 @@ def test_bad_files_name_the_file_and_row(tmp_path, case, expected):
 
 def test_missing_data_folder(tmp_path):
     with pytest.raises(DataError, match="no such folder"):
-        load_path_splits(str(tmp_path / "nope"), LABELS)
+        load_path_splits(str(tmp_path / "nope"), TableSpec(labels=tuple(LABELS)))
 
 
 def test_validation_split_is_stratified_seeded_and_disjoint():
@@ -165,10 +165,9 @@ def test_tokenize_adds_specials_truncates_and_caches(tmp_path, tiny_tokenizer, m
     )
     again = tokenize_split(split, tiny_tokenizer, cfg)
     assert [a.tolist() for a in again.input_ids] == [a.tolist() for a in out.input_ids]
-    tokenizer_calls_on_hit = len(calls)
+    assert calls and not any(call[0] == split.texts for call in calls)  # only the template probes, never the texts
     tokenize_split(split, tiny_tokenizer, DataConfig(max_length=9, cache_dir=str(tmp_path)))  # new key: tokenizes
-    assert len(calls) > tokenizer_calls_on_hit
-    assert tokenizer_calls_on_hit <= 2  # only the template probe, never the texts
+    assert any(call[0] == split.texts for call in calls)
     assert len(list((tmp_path / "tokenized").glob("*.arrow"))) == 2
 
 

@@ -1,12 +1,12 @@
 import evaluate
 import pytest
 
-from harness.evaluation import METRIC_MODULE, is_improvement
+from harness.objectives import METRIC_MODULES, is_improvement
 
 
 @pytest.fixture(scope="module")
 def metric():
-    return evaluate.load(str(METRIC_MODULE), keep_in_memory=True)
+    return evaluate.load(str(METRIC_MODULES["single_label"]), keep_in_memory=True)
 
 
 def test_binary_metrics_against_hand_counts(metric):

@@ -7,7 +7,7 @@ import torch
 
 from harness.config import ConfigError, ModelConfig, config_from_dict
 from harness.data.collate import PadCollator
-from harness.data.sources import DataError, load_path_splits
+from harness.data.sources import DataError, TableSpec, load_path_splits
 from harness.data.tokenize import TokenizedSplit
 from harness.model import ModelError, load_model
 from harness.multimodal import (
@@ -33,14 +33,14 @@ def test_feature_columns_are_read_beside_text_and_follow_selection(tmp_path):
     write_split(tmp_path, "train.parquet", pd.DataFrame(
         {"text": ["a", "b", "c"], "label": [0, 1, 0], "age": [1.5, 2, 3], "score": [-1, 0, 1]}))  # fmt: skip
     write_split(tmp_path, "test.csv", pd.DataFrame({"text": ["d"], "label": [1], "age": [9.0], "score": [7]}))
-    splits = load_path_splits(str(tmp_path), LABELS, feature_columns=["score", "age"])
+    splits = load_path_splits(str(tmp_path), TableSpec(labels=tuple(LABELS), feature_columns=("score", "age")))
     assert splits["train"].features.dtype == np.float32
     np.testing.assert_array_equal(splits["train"].features, [[-1, 1.5], [0, 2], [1, 3]])  # in the listed order
     np.testing.assert_array_equal(splits["test"].features, [[7, 9]])
     picked = splits["train"].select([2, 0])
     assert picked.texts == ["c", "a"]
     np.testing.assert_array_equal(picked.features, [[1, 3], [-1, 1.5]])
-    assert load_path_splits(str(tmp_path), LABELS)["train"].features is None
+    assert load_path_splits(str(tmp_path), TableSpec(labels=tuple(LABELS)))["train"].features is None
 
 
 @pytest.mark.parametrize(
@@ -59,7 +59,7 @@ def test_bad_feature_values_name_the_file_row_and_column(tmp_path, values, expec
         test["age"] = values
     write_split(tmp_path, "test.csv", test)
     with pytest.raises(DataError) as err:
-        load_path_splits(str(tmp_path), LABELS, feature_columns=["age"])
+        load_path_splits(str(tmp_path), TableSpec(labels=tuple(LABELS), feature_columns=("age",)))
     assert expected in str(err.value) and str(tmp_path / "test.csv") in str(err.value)
 
 
