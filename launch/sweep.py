@@ -1,7 +1,7 @@
 """Sweep helpers for slurm/sweep.sbatch.
 
 python -m launch.sweep line <sweep file> <index>     # the overrides of one task, one per line
-python -m launch.sweep summarize <sweep folder>      # a table of every task: overrides, status, test metrics
+python -m launch.sweep summarize <sweep folder>      # every task ranked by its best validation score, test beside
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
-COLUMNS = ("accuracy", "f1_macro", "loss")
+LOWER_IS_BETTER = {"loss", "mse", "mae"}  # as harness.objectives: kept here so the launcher needs no torch
 
 
 def sweep_lines(path: Path) -> list[list[str]]:
@@ -31,7 +31,10 @@ def sweep_lines(path: Path) -> list[list[str]]:
 
 
 def summarize(sweep_dir: Path) -> list[dict]:
-    """One row per task folder: its overrides, how it ended, and the best model's test metrics."""
+    """One row per task folder: its overrides, how it ended, its best validation score (by the run's own
+    eval.metric) and the best model's test scores, ranked by validation (the selected task first and marked).
+
+    Test scores are shown for reference only: choosing by them would tune on the test set."""
     rows = []
     tasks = sorted(sweep_dir.glob("task-*"), key=lambda p: int(p.name.split("-")[1].split(".")[0]))
     for task in (p for p in tasks if p.is_dir()):
@@ -41,19 +44,39 @@ def summarize(sweep_dir: Path) -> list[dict]:
         row["status"] = json.loads(status_file.read_text())["status"] if status_file.is_file() else "running or lost"
         if results_file.is_file() and row["status"] == "completed":
             results = json.loads(results_file.read_text())
-            row.update({name: results["test"][name] for name in COLUMNS})
+            best = results["best"]
+            row["metric"] = best["metric"]
+            row["validation"] = best["value"]
+            row["test"] = (results.get("test") or {}).get(best["metric"])
             row["steps"] = results["optimizer_steps"]
             row["wall_s"] = results["wall_seconds"]
         rows.append(row)
-    return rows
+    scored = [r for r in rows if r.get("validation") is not None]
+    metrics = {r["metric"] for r in scored}
+    if len(metrics) > 1:
+        raise ValueError(f"{sweep_dir}: its tasks selected by different eval.metric {sorted(metrics)}; cannot rank them")
+    lower = bool(metrics & LOWER_IS_BETTER)
+    scored.sort(key=lambda r: r["validation"] if lower else -r["validation"])
+    for rank, row in enumerate(scored, start=1):
+        row["rank"] = rank
+        row["selected"] = rank == 1
+    return scored + [r for r in rows if r.get("validation") is None]
 
 
 def format_table(rows: list[dict]) -> str:
-    headers = ["task", "overrides", "status", *COLUMNS, "steps", "wall_s"]
-    cells = [[f"{r[h]:.4f}" if isinstance(r.get(h), float) else str(r.get(h, "")) for h in headers] for r in rows]
+    metric = next((r["metric"] for r in rows if "metric" in r), "metric")
+    headers = ["rank", "task", "overrides", "status", f"validation {metric}", f"test {metric}", "steps", "wall_s"]
+    keys = ["rank", "task", "overrides", "status", "validation", "test", "steps", "wall_s"]
+
+    def cell(row: dict, key: str) -> str:
+        value = row.get(key, "")
+        text = f"{value:.4f}" if isinstance(value, float) else "" if value is None else str(value)
+        return text + ("  <- selected" if key == "wall_s" and row.get("selected") else "")
+
+    cells = [[cell(r, k) for k in keys] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     return "\n".join(lines)
 
 

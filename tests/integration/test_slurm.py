@@ -99,6 +99,9 @@ def test_sweep_array_runs_each_line_and_summarizes(slurm_cluster, tmp_path):
     )
     assert summary.returncode == 0, summary.stderr
     lines = summary.stdout.splitlines()
-    assert lines[0].split()[:3] == ["task", "overrides", "status"]
-    assert lines[1].startswith("task-0") and "train.lr=1e-3" in lines[1] and "completed" in lines[1]
-    assert lines[2].startswith("task-1") and "train.lr=3e-3 train.batch_size=4" in lines[2]
+    assert lines[0].split()[:5] == ["rank", "task", "overrides", "status", "validation"]
+    rows = {line.split()[1]: line for line in lines[1:]}
+    assert "train.lr=1e-3" in rows["task-0"] and "train.lr=3e-3 train.batch_size=4" in rows["task-1"]
+    assert all("completed" in line for line in rows.values()) and lines[1].endswith("<- selected")
+    losses = {task: read_results(sweep_dir / task)["best"]["value"] for task in rows}
+    assert lines[1].split()[1] == min(losses, key=losses.get)  # selected by validation loss

@@ -457,3 +457,26 @@ def test_deepspeed_json_leaves_experiment_values_to_the_harness(path):
 
 def test_deepspeed_configs_are_the_four_stages():
     assert [p.name for p in DEEPSPEED_CONFIGS] == ["zero1.json", "zero2.json", "zero3.json", "zero3_offload.json"]
+
+
+def test_sweep_summary_selects_by_validation_and_shows_test_beside(tmp_path, capsys):
+    from launch.sweep import main as sweep_main
+
+    # task-0 is best on test, task-1 on validation: the summary must pick task-1.
+    for index, (validation, test) in enumerate(((0.40, 0.91), (0.30, 0.85), (0.35, 0.88))):
+        task = tmp_path / f"task-{index}"
+        task.mkdir()
+        (tmp_path / f"task-{index}.overrides").write_text(f"train.lr={index}e-5\n")
+        (task / "exit_status.json").write_text(json.dumps({"status": "completed"}))
+        (task / "results.json").write_text(json.dumps({
+            "best": {"metric": "loss", "value": validation}, "test": {"loss": test, "accuracy": 1 - test},
+            "optimizer_steps": 10, "wall_seconds": 1.0,
+        }))  # fmt: skip
+    (tmp_path / "task-3").mkdir()  # still running: listed last, unranked
+    assert sweep_main(["summarize", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:7] == ["rank", "task", "overrides", "status", "validation", "loss", "test"]
+    assert [line.split()[1] for line in lines[1:4]] == ["task-1", "task-2", "task-0"]
+    assert lines[1].endswith("<- selected") and "0.3000" in lines[1] and "0.8500" in lines[1]
+    assert not any(line.endswith("<- selected") for line in lines[2:])
+    assert lines[4].split()[0] == "task-3" and "running or lost" in lines[4]
