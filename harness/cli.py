@@ -61,9 +61,9 @@ def main_entry(
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     # Imported only now: a config error is reported in a fraction of a second, before torch loads.
-    from harness.checkpoint import CheckpointSaveError, Preempted
+    from harness.checkpoint import CheckpointSaveError
     from harness.data.sources import DataError
-    from harness.distributed import EXIT_REQUEUE
+    from harness.distributed import EXIT_REQUEUE, Preempted, StoppedBeforeTraining
     from harness.loop import NonFiniteLoss
     from harness.model import ModelError
 
@@ -72,7 +72,9 @@ def main_entry(
     except (ConfigError, DataError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
-    except Preempted:
+    except Preempted as exc:
+        if isinstance(exc, StoppedBeforeTraining):
+            print(f"{exc}", file=sys.stderr, flush=True)
         write_exit_status(cfg, "preempted", EXIT_REQUEUE)
         return EXIT_REQUEUE
     except NonFiniteLoss as exc:

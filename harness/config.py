@@ -153,8 +153,11 @@ class TrainConfig:
     class_weights: list[float] | Literal["balanced"] | None = None
     """single_label only: per-class loss weights in data.labels order, or `balanced` (n / (classes x count) from the
     training split); the loss is the weighted mean, as torch's cross_entropy computes it."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Mixed precision mode (fp16 uses loss scaling and needs a GPU)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Mixed precision: auto is bf16 on GPUs that support it (fp16 on older ones), bf16 on CPUs with native bf16,
+    fp32 elsewhere (logged, and written to results.json); fp16 uses loss scaling and needs a GPU."""
+    tf32: bool = True
+    """On CUDA, fp32 matmuls in TF32 (tensor cores; 10-bit mantissa). Logged."""
     compile: bool = False
     """torch.compile the model (inductor, dynamic shapes: batch lengths vary without a recompile per shape)."""
     fast_cpu_dropout: bool = True
@@ -197,6 +200,8 @@ class CheckpointConfig:
     """Complete checkpoints kept in <output_dir>/checkpoints/ (the best one is always kept too)."""
     resume: str = "auto"
     """`auto` (newest complete checkpoint in output_dir, if any), `none`, or a checkpoint folder."""
+    export_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Weights of best/ and final/: fp32 (the master weights, also under DeepSpeed bf16/fp16), or halved."""
 
 
 @dataclass
@@ -455,7 +460,14 @@ def parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
 def validate(cfg: ExperimentConfig) -> list[str]:
     """Value checks that types alone cannot express; returns every problem found, section by section."""
     problems = [] if cfg.output_dir else ["output_dir: must not be empty"]
-    checks = (_check_task, _check_train, _check_data, _check_eval_and_checkpoint, _check_runtime_and_logging, _check_model)
+    checks = (
+        _check_task,
+        _check_train,
+        _check_data,
+        _check_eval_and_checkpoint,
+        _check_runtime_and_logging,
+        _check_model,
+    )
     for check in checks:
         problems += check(cfg)
     if isinstance(cfg, PretrainConfig):
@@ -536,7 +548,9 @@ def _check_task(cfg: ExperimentConfig) -> list[str]:
     if problem == "multi_label" and (not names or len(set(names)) != len(names)):
         p.append(f"data.labels (or data.label_columns): need distinct label names, got {names}")
     if d.label_columns and problem != "multi_label":
-        p.append("data.label_columns: one 0/1 column per label is a multi_label layout; set task.problem_type=multi_label")
+        p.append(
+            "data.label_columns: one 0/1 column per label is a multi_label layout; set task.problem_type=multi_label"
+        )
     if t.class_weights is not None and problem != "single_label":
         p.append(f"train.class_weights: for single_label problems, not {problem}")
     if isinstance(t.class_weights, list) and (len(t.class_weights) != len(names) or min(t.class_weights) <= 0):
@@ -548,6 +562,8 @@ def _check_task(cfg: ExperimentConfig) -> list[str]:
     if d.source in ("synthetic", "imdb") and problem != "single_label":
         p.append(f"task.problem_type: {problem} needs labels of that kind; data.source={d.source} has sentiment classes "
                  "(use data.source=path or hub with data.label_column)")  # fmt: skip
+    if cfg.augment.ops and d.text_pair_column:
+        p.append("augment.ops: augmentation rewrites single texts; it does not apply to text pairs")
     if e.long_documents == "windows":
         if d.text_pair_column:
             p.append("eval.long_documents: windows reads single long texts; it does not apply to text pairs")

@@ -54,9 +54,10 @@ def _set(config: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def fill_deepspeed_config(raw: dict, cfg: ExperimentConfig, world_size: int, source: str) -> dict:
+def fill_deepspeed_config(raw: dict, cfg: ExperimentConfig, world_size: int, source: str, precision: str) -> dict:
     """Fill every value the experiment owns into a DeepSpeed config; a value set in both that disagrees is an
-    error naming both. Missing keys and "auto" are filled; keys the experiment does not own are kept."""
+    error naming both. Missing keys and "auto" are filled; keys the experiment does not own are kept.
+    `precision` is train.precision resolved (auto is bf16, fp16 or fp32 by then)."""
     t = cfg.train
     owned: dict[str, tuple[Any, str]] = {
         "train_micro_batch_size_per_gpu": (t.batch_size, "train.batch_size"),
@@ -66,8 +67,8 @@ def fill_deepspeed_config(raw: dict, cfg: ExperimentConfig, world_size: int, sou
             "train.batch_size x train.grad_accum x world size",
         ),
         "gradient_clipping": (t.max_grad_norm, "train.max_grad_norm"),
-        "bf16.enabled": (t.precision == "bf16", "train.precision"),
-        "fp16.enabled": (t.precision == "fp16", "train.precision"),
+        "bf16.enabled": (precision == "bf16", "train.precision"),
+        "fp16.enabled": (precision == "fp16", "train.precision"),
     }
     if "optimizer" in raw:  # DeepSpeed builds the optimizer itself (e.g. its CPU Adam under offload)
         owned.update({
@@ -96,10 +97,15 @@ def fill_deepspeed_config(raw: dict, cfg: ExperimentConfig, world_size: int, sou
     if problems:
         raise ConfigError(problems, "DeepSpeed config")
     filled.setdefault("steps_per_print", 10**9)  # the harness logs progress itself
+    if precision == "bf16":
+        # Gradients are reduced and accumulated in fp32, as DDP's are (DeepSpeed's defaults would use bf16,
+        # whose 8-bit mantissa loses small gradients in sums over ranks and micro-batches); a config may say otherwise.
+        filled.setdefault("communication_data_type", "fp32")
+        filled.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     return filled
 
 
-def build_deepspeed_plugin(cfg: ExperimentConfig, world_size: int):
+def build_deepspeed_plugin(cfg: ExperimentConfig, world_size: int, precision: str):
     """DeepSpeed settings from the JSON named by the launch (or from the launch flags), completed from the
     experiment config: one source of truth for batch size, accumulation, clipping and precision."""
     from accelerate.utils import DeepSpeedPlugin
@@ -116,7 +122,7 @@ def build_deepspeed_plugin(cfg: ExperimentConfig, world_size: int):
         # values given as flags count as set, the rest are "auto".
         raw, source = copy.deepcopy(DeepSpeedPlugin().deepspeed_config), FLAGS_SOURCE
         raw.pop("steps_per_print", None)
-    filled = fill_deepspeed_config(raw, cfg, world_size, source)
+    filled = fill_deepspeed_config(raw, cfg, world_size, source, precision)
     # zero3_init_flag off: models here fit one device, and ZeRO-3 partitions them at engine creation; with
     # it on, transformers would build them inside zero.Init, outside the harness's seeded initialisation.
     return DeepSpeedPlugin(hf_ds_config=filled, zero3_init_flag=False)
@@ -165,39 +171,95 @@ def native_cpu_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def resolve_precision(requested: str, on_gpu: bool) -> str:
+    """train.precision `auto`: bf16 on GPUs that support it (Ampere and newer; fp16 with loss scaling on older
+    ones), bf16 on CPUs that compute it natively, fp32 elsewhere. Other values are taken as they are."""
+    if requested != "auto":
+        return requested
+    if on_gpu:
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if native_cpu_bf16() else "fp32"
+
+
 def precision_warning(device: torch.device, precision: str) -> str | None:
     """A warning when the precision asked for is much slower than fp32 on this device, else None.
 
-    CPUs without native bf16 (no AVX512-BF16 or AMX: every AVX2-only CPU) run bf16 matmuls through emulation;
-    measured on a 2-core AVX2 EPYC: 20 GFLOP/s for x @ W^T and under 1 for g @ W, against 170 in fp32; a
-    MiniLM training step (16 x 208 tokens) took 53 s in bf16 and 2.3 s in fp32. Training still runs."""
+    CPUs without native bf16 (no AVX512-BF16 or AMX: every AVX2-only CPU) run bf16 matmuls through emulation,
+    many times slower than fp32 (figures in README, Speed on CPU). Training still runs."""
     if device.type != "cpu" or precision != "bf16" or native_cpu_bf16():
         return None
     return ("train.precision=bf16 on a CPU without native bf16 instructions (AVX512-BF16 / AMX): matmuls are "
-            "emulated and training runs many times slower than in fp32; set train.precision=fp32")  # fmt: skip
+            "emulated and training runs many times slower than in fp32; set train.precision=fp32 (or auto)")  # fmt: skip
+
+
+def offloads_to_cpu(plugin) -> bool:
+    """Whether a DeepSpeed config keeps optimizer state (or parameters) in CPU memory: its optimizer steps run
+    on the CPU, in torch threads."""
+    zero = plugin.deepspeed_config.get("zero_optimization", {})
+    return any((zero.get(key) or {}).get("device") in ("cpu", "nvme") for key in ("offload_optimizer", "offload_param"))
+
+
+def join_process_group(backend: str, timeout: timedelta) -> None:
+    """Form the default process group ourselves under torchrun (and accelerate launch, torchrun underneath), on
+    a store whose keys carry the restart attempt.
+
+    After a crashed worker, `torchrun --max-restarts N` restarts every worker against the same rendezvous store,
+    whose keys from the failed attempt (each rank's gloo / NCCL address) are still there: the new ranks read
+    their predecessors' addresses and the new group never forms (seen: "Gloo connectFullMesh failed ...
+    timed out connecting", the peer's address from the dead attempt). Prefixing every key with
+    TORCHELASTIC_RESTART_COUNT gives each attempt a clean namespace in the same store. Accelerate then finds the
+    group formed and uses it."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or launched_world_size() == 1 or torch.distributed.is_initialized():
+        return
+    # torch's own env:// rendezvous: the agent's store where torchrun hosts one, else rank 0's.
+    store, rank, world_size = next(torch.distributed.rendezvous("env://", timeout=timeout))
+    store = torch.distributed.PrefixStore(f"harness/attempt-{restart}/", store)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+
+
+def use_tf32(enabled: bool) -> None:
+    """fp32 matmuls and convolutions on CUDA in TF32 (10-bit mantissa, tensor cores: several times faster on
+    A100/H100; bf16/fp16 runs are not affected), as train.tf32 says."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 def build_accelerator(cfg: ExperimentConfig) -> tuple[Accelerator, RunPlace]:
-    """The run's Accelerator and its place (world, rank, device, ZeRO stage, device-dependent choices), decided
-    here once and passed down."""
-    on_cpu = not torch.cuda.is_available()
-    if on_cpu:
+    """The run's Accelerator and its place (world, rank, device, precision, ZeRO stage, device-dependent
+    choices), decided here once and passed down."""
+    on_gpu = torch.cuda.is_available()
+    precision = resolve_precision(cfg.train.precision, on_gpu)
+    if not on_gpu:
         set_cpu_threads(cfg.runtime.cpu_threads)
         if cfg.runtime.keep_freed_cpu_memory:
             keep_freed_cpu_memory()
         # DeepSpeed (imported by Accelerate on some paths) probes for accelerators and warns "Setting accelerator
         # to CPU ... unable to detect it" in every process when none is found; on a CPU run that is the answer.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if cfg.train.precision == "fp16" and on_cpu:
-        raise ConfigError(["train.precision: fp16 needs a CUDA GPU (loss scaling); use bf16 or fp32 on CPU"])
+    else:
+        use_tf32(cfg.train.tf32)
+    if precision == "fp16" and not on_gpu:
+        raise ConfigError(["train.precision: fp16 needs a CUDA GPU (loss scaling); use bf16, fp32 or auto on CPU"])
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not on_gpu:
+        raise ConfigError(["FSDP (accelerate launch --use_fsdp or an FSDP config): Accelerate runs it on GPUs only. "
+                           "On CPU, shard with DeepSpeed ZeRO (python -m launch zero2 N / zero3 N) or use DDP "
+                           "(python -m launch cpu N)"], "launch")  # fmt: skip
     # A collective waiting on a dead or hung rank fails after this, instead of hanging forever.
-    process_group = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.runtime.collective_timeout_s))
+    timeout = timedelta(seconds=cfg.runtime.collective_timeout_s)
+    process_group = InitProcessGroupKwargs(timeout=timeout)
+    join_process_group("nccl" if on_gpu else "gloo", timeout)
     kwargs: dict[str, Any] = {}
     if deepspeed_requested():
         if cfg.train.compile:  # DeepSpeed's engine hooks parameters itself; compiling under it is untested here
             raise ConfigError(["train.compile: not supported under a DeepSpeed launch; use DDP or one process"])
-        kwargs["deepspeed_plugin"] = build_deepspeed_plugin(cfg, launched_world_size())
-        if on_cpu:
+        kwargs["deepspeed_plugin"] = build_deepspeed_plugin(cfg, launched_world_size(), precision)
+        if on_gpu and offloads_to_cpu(kwargs["deepspeed_plugin"]):
+            # accelerate launch exports OMP_NUM_THREADS=1; the offloaded optimizer step needs the node's cores.
+            set_cpu_threads(cfg.runtime.cpu_threads)
+        if not on_gpu:
             # Accelerate uses DeepSpeed only with cpu=False, and then finds no backend without GPUs: name gloo.
             process_group.backend = "gloo"
     # Otherwise Accelerate enters multi-process CPU mode (gloo) only when told cpu=True inside a torchrun-style
@@ -208,8 +270,8 @@ def build_accelerator(cfg: ExperimentConfig) -> tuple[Accelerator, RunPlace]:
             project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / TRACKER_DIR)
         )
     accelerator = Accelerator(
-        cpu=on_cpu and not deepspeed_requested(),
-        mixed_precision=MIXED_PRECISION[cfg.train.precision],
+        cpu=not on_gpu and not deepspeed_requested(),
+        mixed_precision=MIXED_PRECISION[precision],
         gradient_accumulation_steps=cfg.train.grad_accum,
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[process_group],
@@ -221,7 +283,7 @@ def build_accelerator(cfg: ExperimentConfig) -> tuple[Accelerator, RunPlace]:
             f"{accelerator.num_processes}; check the launch command"
         )
     set_seed(cfg.seed)
-    return accelerator, RunPlace.of(accelerator, cfg)
+    return accelerator, RunPlace.of(accelerator, cfg, precision)
 
 
 TRACKER_DIR = "trackers"
@@ -258,8 +320,11 @@ class RunPlace:
     zero_stage: int
     """0 without DeepSpeed."""
     precision: str
+    """train.precision resolved (auto: bf16, fp16 or fp32 by the device)."""
+    tf32: bool
+    """fp32 matmuls in TF32 (CUDA, train.tf32)."""
     threads: int
-    """Torch threads per process."""
+    """Torch threads per process (CPU math; on GPUs the CPU side of an offloaded optimizer)."""
     pad_multiple: int | None
     """Batches padded to a multiple of this: 8 on GPUs (tensor cores); None (the exact longest) elsewhere."""
     pin_memory: bool
@@ -269,7 +334,7 @@ class RunPlace:
     draw their own masks)."""
 
     @classmethod
-    def of(cls, accelerator: Accelerator, cfg: ExperimentConfig) -> RunPlace:
+    def of(cls, accelerator: Accelerator, cfg: ExperimentConfig, precision: str) -> RunPlace:
         state = accelerator.state
         device = accelerator.device
         on_gpu = device.type == "cuda"
@@ -281,7 +346,8 @@ class RunPlace:
             distributed_type=str(state.distributed_type).split(".")[-1],
             backend=getattr(state, "backend", None),
             zero_stage=zero_stage(accelerator),
-            precision=cfg.train.precision,
+            precision=precision,
+            tf32=on_gpu and cfg.train.tf32,
             threads=torch.get_num_threads(),
             pad_multiple=8 if on_gpu else None,
             pin_memory=on_gpu,
@@ -293,9 +359,10 @@ class RunPlace:
         return {**{k: v for k, v in asdict(self).items() if k not in ("device", "is_main")}, "device": str(self.device)}
 
     def describe(self) -> str:
+        tf32 = ", TF32 for fp32 matmuls" if self.tf32 else ""
         return (f"world size {self.world_size} ({self.distributed_type}, {self.backend or 'no backend'}) on "
                 f"{self.device} ({self.threads} thread{'s' if self.threads != 1 else ''} per process), "
-                f"precision {self.precision}")  # fmt: skip
+                f"precision {self.precision}{tf32}")  # fmt: skip
 
 
 def torch_optimizer(optimizer) -> torch.optim.Optimizer:
@@ -352,9 +419,22 @@ EXIT_REQUEUE = 75
 command resumes the run."""
 
 
+class Preempted(Exception):
+    """Stopped by SIGTERM/SIGUSR1 after writing a checkpoint; the same command resumes the run."""
+
+
+class StoppedBeforeTraining(Preempted):
+    """Stopped by SIGTERM/SIGUSR1 during setup, with nothing to save; the same command starts the run."""
+
+
 class StopRequest:
-    """SIGTERM / SIGUSR1 (what SLURM sends before preemption or the time limit) ask the run to stop at the next
-    step boundary with a checkpoint; a second signal exits at once with the requeue code."""
+    """SIGTERM / SIGUSR1 (what SLURM sends before preemption or the time limit) stop the run, by phase:
+
+    * setup (before the first training step): at once, with the requeue code; there is nothing to save;
+    * training: at the next step boundary, with a checkpoint; a signal during validation or during a
+      checkpoint's write lets it finish first (the loop asks `agreed` after each);
+    * finish (final export and test): the run completes; its end is as near as a checkpoint would be.
+    A second signal exits at once with the requeue code."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -362,6 +442,7 @@ class StopRequest:
         self.exit_code = exit_code
         self.requested_at: float | None = None
         self.signal_name = ""
+        self.phase = "setup"
 
     def install(self) -> StopRequest:
         for sig in self.SIGNALS:
@@ -374,10 +455,17 @@ class StopRequest:
             os._exit(self.exit_code)
         self.requested_at = time.monotonic()
         self.signal_name = signal.Signals(signum).name
+        if self.phase == "setup":  # raised in the main thread, wherever setup is (tokenizing, loading, waiting)
+            raise StoppedBeforeTraining(f"{self.signal_name} before the first training step: nothing to save; exiting with code "
+                            f"{self.exit_code} (run the same command to start)")  # fmt: skip
 
     @property
     def requested(self) -> bool:
         return self.requested_at is not None
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        """Whether any rank was signalled (collective: every rank asks at the same point)."""
+        return agree(accelerator, [self.requested], [])[0]
 
 
 def agree(accelerator: Accelerator, host_flags: list[bool], device_flags: list[torch.Tensor]) -> list[bool]:
@@ -394,3 +482,17 @@ def agree(accelerator: Accelerator, host_flags: list[bool], device_flags: list[t
     if accelerator.num_processes > 1:
         flags = accelerator.reduce(flags, reduction="sum")
     return [bool(v) for v in flags.tolist()]  # host sync: host flags first, then the device's
+
+
+def deepspeed_overflow(accelerator: Accelerator) -> bool:
+    """Whether DeepSpeed's fp16 loss scaler skipped the step its engine just took inside backward (its engine
+    reads the same flag; already on the host)."""
+    engine = accelerator.deepspeed_engine_wrapped.engine
+    return bool(getattr(engine.optimizer, "overflow", False))
+
+
+def deepspeed_grad_norm(accelerator: Accelerator) -> float | None:
+    """The gradient norm DeepSpeed computed in its last step (host sync when it is a device tensor: log steps
+    only)."""
+    norm = accelerator.deepspeed_engine_wrapped.engine.get_global_grad_norm()
+    return float(norm) if norm is not None else None

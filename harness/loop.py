@@ -38,12 +38,14 @@ from harness.distributed import (
     StopRequest,
     agree,
     build_accelerator,
+    deepspeed_grad_norm,
+    deepspeed_overflow,
     memory_report,
     precision_warning,
     torch_optimizer,
 )
 from harness.evaluation import BestSoFar
-from harness.faults import injected_nan_steps
+from harness.faults import injected_faults, pause
 from harness.model import (
     attention_in_use,
     compile_model,
@@ -53,6 +55,7 @@ from harness.model import (
     parameter_groups,
 )
 from harness.optim import build_optimizer, build_scheduler
+from harness.rundir import RunDirectory
 from harness.tasks import Task, TaskSetup
 from harness.tasks.classification import ClassificationTask
 from harness.throughput import ThroughputMeter, flop_counter_for, run_peak_flops
@@ -113,17 +116,19 @@ def setup(cfg: ExperimentConfig, task: Task) -> Run:
     the run's files started or its checkpoint loaded."""
     started = time.monotonic()
     quiet_library_progress_bars()
-    stop = StopRequest().install()
+    stop = StopRequest().install()  # phase setup: a signal stops the run at once
+    accelerator, place = build_accelerator(cfg)
+    rundir = RunDirectory.claim(cfg, accelerator)  # one shared folder, one run in it, a finished run left alone
     early_warnings: list[str] = []
     resume = find_resume_point(cfg, early_warnings.append)
-    accelerator, place = build_accelerator(cfg)
     out = Path(cfg.output_dir)
     log = RunLog(out, place.is_main, place.rank, cfg.logging.progress)
-    slow_precision = precision_warning(place.device, cfg.train.precision)
+    slow_precision = precision_warning(place.device, place.precision)
     for message in early_warnings + ([slow_precision] if slow_precision else []):
         log.warn(message)
 
     ctx = task.setup(accelerator, place)
+    pause("setup")  # fault injection for tests: a signal before the first step
     limit = max_positions(ctx.model, ctx.tokenizer)
     if cfg.data.max_length > limit:
         raise ConfigError([f"data.max_length: {cfg.data.max_length} exceeds the model's limit of {limit} tokens"])
@@ -136,7 +141,7 @@ def setup(cfg: ExperimentConfig, task: Task) -> Run:
             [f"data: {len(train_split)} training examples cannot fill one step of {layout.micro_batches} micro-batches"]
         )
 
-    checkpoints = CheckpointManager(cfg, accelerator, place, log, stop, ctx.tokenizer, ctx.serving)
+    checkpoints = CheckpointManager(cfg, accelerator, place, log, stop, ctx.tokenizer, ctx.serving, ctx.export_weights)
     state = TrainState(layout=layout_list(layout))
     if resume is not None:
         state = checkpoints.restore_state(resume, layout, planner)
@@ -160,11 +165,12 @@ def setup(cfg: ExperimentConfig, task: Task) -> Run:
         compile_model(accelerator.unwrap_model(model))  # compiled lazily, at the first forward
     peak, peak_source = None, ""
     if flop_counter is not None and total_steps > 0:
-        peak, peak_source = run_peak_flops(accelerator, cfg.train.precision, cfg.logging.peak_tflops)
+        peak, peak_source = run_peak_flops(accelerator, place.precision, cfg.logging.peak_tflops)
     scheduler = build_scheduler(torch_optimizer(optimizer), cfg.train, max(total_steps, 1))
     accelerator.register_for_checkpointing(scheduler)
 
     start_run_files(cfg, accelerator, place, out, resume, checkpoints, log, state)
+    rundir.announce()
     if cfg.logging.trackers:  # TensorBoard & co. receive every train / eval record from here on
         accelerator.init_trackers(out.name, config=flat_scalars(cfg.to_dict()))
         log.attach_tracker(accelerator.log)
@@ -217,6 +223,7 @@ class Validator:
     def validate(self, model, state: TrainState, epoch: float) -> bool:
         """Validate; keep and export the model when it improves. Returns True when early stopping says stop."""
         with self.meter.paused("validation"):
+            pause("validation")  # fault injection for tests: a signal during validation
             scores = self.task.evaluate(self.ctx, model, "validation").scores
             improved = state.best.update(state.step, scores)
             state.last_eval_step = state.step
@@ -238,11 +245,12 @@ def train(r: Run) -> None:
     """Steps until total_steps (or early stopping): accumulate, forward, backward, clip, step, log, validate,
     checkpoint. The loss of a step is normalised over all of it (every micro-batch on every rank)."""
     cfg, state, model, log = r.cfg, r.state, r.model, r.log
-    nan_steps = injected_nan_steps()
+    faults = injected_faults()
     model.train()
     log.start_progress(r.total_steps)
     log.advance(state.step, r.total_steps, None)
     r.meter.start()
+    r.stop.phase = "train"
     stop_early = False
     while state.step < r.total_steps and not stop_early:
         plan = r.planner.plan(state.epoch, state.consumed_before_plan)
@@ -250,20 +258,18 @@ def train(r: Run) -> None:
         batches = iter(train_loader(r, todo))
         for global_step in todo:
             weight = r.task.step_weight(r.ctx, global_step, state.epoch)
-            step_loss = forward_backward(r, batches, weight, inject_nan=state.step + 1 in nan_steps)
+            step_loss = forward_backward(r, batches, weight, faults.for_step(state.step + 1))
+            grad_norm = gradient_norm(r)  # on the device (DeepSpeed: None, it clips inside its own step)
 
-            # Host sync, once per step: every rank agrees on a stop signal, a non-finite loss, a timed checkpoint.
-            stop_now, time_due, nonfinite = agree(
-                r.accelerator, [r.stop.requested, r.checkpoints.time_due()], [~torch.isfinite(step_loss)]
-            )
-            grad_norm = None
-            if nonfinite:
-                skip_step(r, state)
-                r.window.skip(weight)
-            else:
-                grad_norm = optimizer_step(r)
-                state.nonfinite_streak = 0
+            # Host sync, once per step: every rank agrees on a stop signal, a timed checkpoint, a non-finite loss
+            # or gradient norm (one all-reduce of four flags, one read).
+            stop_now, time_due, bad_loss, bad_grads = agree(r.accelerator, [r.stop.requested, r.checkpoints.time_due()],
+                                                             [~torch.isfinite(step_loss), nonfinite(grad_norm, step_loss)])  # fmt: skip
+            applied = apply_step(r, state, bad_loss, bad_grads)
+            if applied:
                 r.window.add(step_loss, weight)
+            else:
+                r.window.skip(weight)
             r.optimizer.zero_grad(set_to_none=True)
 
             lengths = r.ctx.splits["train"].lengths[np.concatenate(global_step)]  # every rank's examples
@@ -273,14 +279,15 @@ def train(r: Run) -> None:
                 report_memory(r)
             epoch_progress = state.epoch + state.position / len(plan)
             last_step = state.step == r.total_steps
-            log_training(
-                r, epoch_progress, grad_norm, due=every_n_steps(state.step, cfg.logging.every_steps) or last_step
-            )
+            if every_n_steps(state.step, cfg.logging.every_steps) or last_step:
+                log_training(r, epoch_progress, grad_norm if applied else None, applied)
+            else:
+                log.advance(state.step, r.total_steps, None)
 
             end_of_epoch = state.position == len(plan)
-            stop_early = r.validator.due(state.step, end_of_epoch) and r.validator.validate(
-                model, state, epoch_progress
-            )
+            validating = r.validator.due(state.step, end_of_epoch)
+            stop_early = validating and r.validator.validate(model, state, epoch_progress)
+            stop_now = stop_now or (validating and r.stop.agreed(r.accelerator))  # signalled while validating
             if end_of_epoch:
                 state.next_epoch()
             with r.meter.paused("checkpoint"):
@@ -305,7 +312,7 @@ def train_loader(r: Run, steps: list) -> DataLoader:
     )
 
 
-def forward_backward(r: Run, batches, weight: int, inject_nan: bool) -> torch.Tensor:
+def forward_backward(r: Run, batches, weight: float, fault: str | None) -> torch.Tensor:
     """The step's micro-batches on this rank; returns their summed loss (on the device, not read here).
 
     Accelerate divides each backward by grad_accum and DDP averages gradients over ranks, so the summed loss is
@@ -316,46 +323,76 @@ def forward_backward(r: Run, batches, weight: int, inject_nan: bool) -> torch.Te
         batch = {k: v.to(r.place.device, non_blocking=True) for k, v in next(batches).items()}
         with r.accelerator.accumulate(r.model):  # no gradient sync until the step's last micro-batch
             loss_sum = r.task.loss_sum(r.ctx, r.model, batch)
-            if inject_nan:
+            if fault == "nan-loss":
                 loss_sum = loss_sum * float("nan")  # fault injection for tests (HARNESS_INJECT_NAN_STEPS)
             r.accelerator.backward(loss_sum * scale)
         step_loss += loss_sum.detach()
+    if fault == "nan-grad":  # a finite loss with a non-finite gradient (HARNESS_INJECT_NAN_GRAD_STEPS)
+        next(p for p in r.model.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
     return step_loss
 
 
-def optimizer_step(r: Run) -> torch.Tensor | None:
-    """Clip (Accelerate's accumulation counter is at a step boundary: gradients are synchronised), step the
-    optimizer and the schedule. Returns the gradient norm before clipping (on the device) when clipping."""
-    grad_norm = None
-    if r.cfg.train.max_grad_norm > 0:
-        grad_norm = r.accelerator.clip_grad_norm_(r.model.parameters(), r.cfg.train.max_grad_norm)
-    r.optimizer.step()
-    r.scheduler.step()
-    return grad_norm
-
-
-def skip_step(r: Run, state: TrainState) -> None:
-    """A step whose loss is not finite is skipped (its gradients dropped); too many in a row stop the run."""
+def gradient_norm(r: Run) -> torch.Tensor | None:
+    """The global gradient norm before clipping, on the device; gradients are clipped to train.max_grad_norm.
+    Accelerate's accumulation counter is at a step boundary here: gradients are synchronised (and, under fp16,
+    unscaled first). Under DeepSpeed, None: its engine has already clipped and stepped inside backward."""
     if r.place.zero_stage:
-        # DeepSpeed applies the update inside backward, before the loss can be checked.
-        raise NonFiniteLoss(f"non-finite loss at step {state.step + 1} under DeepSpeed, which has already applied it; "
-                            "resume from the last checkpoint with a lower train.lr")  # fmt: skip
-    state.nonfinite_streak += 1
+        return None
+    params = [p for p in r.model.parameters() if p.grad is not None]
+    if r.cfg.train.max_grad_norm > 0:
+        return r.accelerator.clip_grad_norm_(params, r.cfg.train.max_grad_norm)
+    r.accelerator.unscale_gradients()
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+
+def nonfinite(value: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """A 0-dim bool tensor on `like`'s device: whether `value` is non-finite (False for None)."""
+    return ~torch.isfinite(value) if value is not None else torch.zeros((), dtype=torch.bool, device=like.device)
+
+
+def apply_step(r: Run, state: TrainState, bad_loss: bool, bad_grads: bool) -> bool:
+    """Update the weights and the schedule, or skip the step; returns whether it was applied.
+
+    A step with a non-finite loss or gradient norm is skipped and counted (skipped_steps); after
+    runtime.max_nonfinite_steps in a row the run stops (NonFiniteLoss), the last checkpoint intact. Under fp16
+    the loss scaler's overflow (non-finite gradients of a finite loss) is the scaler's business: the optimizer
+    step is called so that the scaler skips it and lowers its scale, the schedule does not advance, and the
+    streak does not count it. DeepSpeed applies its step inside backward: a non-finite loss under bf16 / fp32
+    has been applied already (the run stops); under fp16 its own scaler skipped the step."""
+    overflow = deepspeed_overflow(r.accelerator) if r.place.zero_stage else False
+    if not (bad_loss or bad_grads or overflow):
+        r.optimizer.step()
+        r.scheduler.step()
+        state.nonfinite_streak = 0
+        return True
     state.skipped_steps += 1
-    r.log.warn(f"step {state.step + 1}: non-finite loss, update skipped ({state.nonfinite_streak} in a row)")
+    if r.place.zero_stage:
+        if bad_loss and r.place.precision != "fp16":
+            raise NonFiniteLoss(f"non-finite loss at step {state.step + 1} under DeepSpeed, which has already applied "
+                                "it; resume from the last checkpoint with a lower train.lr")  # fmt: skip
+    elif r.accelerator.scaler is not None:
+        r.optimizer.step()  # the scaler finds the overflow, skips the update and lowers its scale
+    scaler_overflow = (r.accelerator.scaler is not None or r.place.zero_stage) and not bad_loss
+    if scaler_overflow:
+        r.log.warn(f"step {state.step + 1}: fp16 gradient overflow, update skipped and loss scale lowered")
+        return False
+    state.nonfinite_streak += 1
+    what = "loss" if bad_loss else "gradient norm (finite loss)"
+    r.log.warn(f"step {state.step + 1}: non-finite {what}, update skipped ({state.nonfinite_streak} in a row)")
     if state.nonfinite_streak >= r.cfg.runtime.max_nonfinite_steps:
         raise NonFiniteLoss(
-            f"{state.nonfinite_streak} consecutive non-finite losses (runtime.max_nonfinite_steps); stopping. "
-            "The last checkpoint is intact: lower train.lr or check the data, then resume."
+            f"{state.nonfinite_streak} consecutive steps with a non-finite loss or gradient (runtime.max_nonfinite_steps); "
+            "stopping. The last checkpoint is intact: lower train.lr or check the data, then resume."
         )
+    return False
 
 
-def log_training(r: Run, epoch: float, grad_norm: torch.Tensor | None, due: bool) -> None:
-    """Move the progress display; on a log step, also the window's loss, the rates and a metrics.jsonl row."""
+def log_training(r: Run, epoch: float, grad_norm: torch.Tensor | None, applied: bool) -> None:
+    """A log step: the window's loss, the rates and the last step's gradient norm, on the console and as a
+    metrics.jsonl row."""
     state = r.state
-    if not due:
-        r.log.advance(state.step, r.total_steps, None)
-        return
+    if r.place.zero_stage and applied:
+        grad_norm = deepspeed_grad_norm(r.accelerator)
     loss = r.window.mean()  # host sync: every rank's window
     rates = r.meter.rates()
     shown = {"loss": loss, "lr": r.scheduler.get_last_lr()[0], "samples/s": rates.get("samples_per_s", 0.0),
@@ -393,6 +430,7 @@ def finish(r: Run) -> dict:
     """The last state to final/; the best model (validated once more if the last step was not) on test;
     results.json."""
     cfg, state, log = r.cfg, r.state, r.log
+    r.stop.phase = "finish"  # a signal now lets the run complete: its end is as near as a checkpoint
     if cfg.train.compile:
         log.info(f"torch.compile: {compiled_graph_count()} graph(s) compiled for training and validation")
     r.checkpoints.export_final(r.model)
@@ -425,7 +463,8 @@ def finish(r: Run) -> dict:
         **r.meter.results(),
         "resumed_from_step": r.resumed_from.manifest["step"] if r.resumed_from else None,
         **({"compiled_graphs": compiled_graph_count()} if cfg.train.compile else {}),
-        "precision": cfg.train.precision,
+        "precision": r.place.precision,
+        "tf32": r.place.tf32,
         "model": cfg.model.name_or_path,
         "config_fingerprint": cfg.fingerprint(),
     }

@@ -82,7 +82,11 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def load_model(
-    cfg: ModelConfig, kind: ModelKind, labels: list[str] | None = None, seed: int = 0, problem_type: str = "single_label",
+    cfg: ModelConfig,
+    kind: ModelKind,
+    labels: list[str] | None = None,
+    seed: int = 0,
+    problem_type: str = "single_label",
     from_config=None,
 ) -> tuple[object, nn.Module]:
     """The tokenizer and model of `model.name_or_path` as a `kind` model, with the config's dropout, attention

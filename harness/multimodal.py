@@ -132,7 +132,7 @@ class FusionClassifier(nn.Module):
         vectors = [encoder(*(batch[field] for field in self.inputs[name])) for name, encoder in self.encoders.items()]
         return SequenceClassifierOutput(logits=self.head(torch.cat(vectors, dim=-1)))  # [batch, labels]
 
-    def save_pretrained(self, path, state_dict: dict[str, torch.Tensor], safe_serialization: bool = True) -> None:
+    def save_pretrained(self, path, state_dict: dict[str, torch.Tensor], safe_serialization: bool = True, **_) -> None:
         """The export: weights, fusion.json, and the text encoder's config (so reloading needs no download)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)

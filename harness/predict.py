@@ -287,7 +287,9 @@ def gather_inputs(args: argparse.Namespace) -> tuple[list[str], list[str] | None
     elif args.file and args.file.endswith(".jsonl"):
         spec = ServingSpec.read(Path(args.model))
         fields = tuple(dict.fromkeys([spec.text_column if spec else "text", "text"]))
-        pair_fields = tuple(dict.fromkeys([spec.text_pair_column or "text_pair", "text_pair"] if spec else ["text_pair"]))
+        pair_fields = tuple(
+            dict.fromkeys([spec.text_pair_column or "text_pair", "text_pair"] if spec else ["text_pair"])
+        )
         texts, pairs = read_jsonl(args.file, fields, pair_fields)
         origin = f"--file {args.file}"
     elif args.file:

@@ -23,6 +23,17 @@ from pathlib import Path
 from harness.cli import EXIT_BAD_INPUT
 
 METRIC_NAMES = ("loss", "accuracy", "precision", "recall", "f1_macro", "f1_micro")
+"""The columns of a classification run; other problem types show the scalar scores their results hold."""
+
+
+def metric_names(scores: dict | None) -> tuple[str, ...]:
+    """The scalar scores a run reports, loss first (classification: METRIC_NAMES, in that order)."""
+    found = [k for k, v in (scores or {}).items() if isinstance(v, (int, float)) and k not in ("samples", "windows")]
+    if set(METRIC_NAMES) <= set(found) or not found:
+        return METRIC_NAMES
+    return tuple(dict.fromkeys(["loss", *found]))
+
+
 # Series colours (colour-blind safe, from the Okabe-Ito palette).
 COLOURS = ("#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9")
 CHART_WIDTH, CHART_HEIGHT = 560, 260
@@ -268,12 +279,13 @@ def key_value_table(rows: list[tuple[str, str]]) -> str:
 def validation_table(validation: list[dict], best_step: object) -> str:
     if not validation:
         return '<p class="note">No validation events in metrics.jsonl.</p>'
-    head = "".join(f"<th>{name}</th>" for name in ("step", "epoch", *METRIC_NAMES, "samples"))
+    names = metric_names(validation[-1])
+    head = "".join(f"<th>{name}</th>" for name in ("step", "epoch", *names, "samples"))
     body = []
     for row in validation:
         best = ' class="best"' if row.get("step") == best_step else ""
         cells = [fmt_number(row.get("step")), fmt_number(row.get("epoch"), 2)]
-        cells += [fmt_metric(row.get(name)) for name in METRIC_NAMES]
+        cells += [fmt_metric(row.get(name)) for name in names]
         cells.append(fmt_number(row.get("samples")))
         body.append(f"<tr{best}>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     return f'<table class="metrics"><tr>{head}</tr>{"".join(body)}</table>'
@@ -284,7 +296,7 @@ def test_table(test: dict, best_validation: dict | None) -> str:
     head = "<th>metric</th>" + "".join(f"<th>{html.escape(name)}</th>" for name, _ in columns)
     body = [
         f"<tr><th>{name}</th>" + "".join(f"<td>{fmt_metric(values.get(name))}</td>" for _, values in columns) + "</tr>"
-        for name in METRIC_NAMES
+        for name in metric_names(test)
     ]
     body.append(
         "<tr><th>samples</th>"
@@ -292,6 +304,15 @@ def test_table(test: dict, best_validation: dict | None) -> str:
         + "</tr>"
     )
     return f'<table class="metrics"><tr>{head}</tr>{"".join(body)}</table>'
+
+
+def confusion_section(test: dict, labels: list[str]) -> str:
+    """The test confusion matrix of a single-label classifier (other problem types have none)."""
+    if "confusion_matrix" not in test and "accuracy" not in test:
+        return ""
+    return (f'<h2>Test confusion matrix</h2>\n<p class="sub">Rows: true label; columns: predicted label; '
+            f'{fmt_number(test.get("samples"))} test examples.</p>\n'
+            f"{confusion_matrix_table(test.get('confusion_matrix') or [], labels)}")  # fmt: skip
 
 
 def confusion_matrix_table(matrix: list[list[int]], labels: list[str]) -> str:
@@ -378,6 +399,10 @@ def render_report(run: RunRecord) -> str:
     def points(rows: list[dict], key: str) -> list[tuple[float, float]]:
         return [(row["step"], row[key]) for row in rows if isinstance(row.get(key), (int, float))]
 
+    # Two scores besides the loss: accuracy and macro F1 for a classifier, the first two a run reports otherwise.
+    shown = [n for n in metric_names(run.validation[-1] if run.validation else None) if n != "loss"][:2]
+    shown = ["accuracy", "f1_macro"] if shown == ["accuracy", "precision"] else shown
+
     charts = [
         line_chart(
             "Loss",
@@ -387,8 +412,8 @@ def render_report(run: RunRecord) -> str:
         ),
         line_chart("Learning rate", {"lr": points(run.train, "lr")}, empty_message=no_training),
         line_chart(
-            "Validation accuracy and F1",
-            {"accuracy": points(run.validation, "accuracy"), "f1_macro": points(run.validation, "f1_macro")},
+            "Validation " + " and ".join(shown),
+            {name: points(run.validation, name) for name in shown},
             marker=marker,
             empty_message="No validation events.",
         ),
@@ -424,9 +449,7 @@ def render_report(run: RunRecord) -> str:
 {validation_table(run.validation, best_step)}
 <h2>Best model: validation and test</h2>
 {test_table(test, best.get("validation"))}
-<h2>Test confusion matrix</h2>
-<p class="sub">Rows: true label; columns: predicted label; {fmt_number(test.get("samples"))} test examples.</p>
-{confusion_matrix_table(test.get("confusion_matrix") or [], run.labels)}
+{confusion_section(test, run.labels)}
 </body>
 </html>
 """

@@ -20,7 +20,7 @@ from launch.commands import DEFAULT_SCRIPT, INTENTS, Command, Host, Request, bui
 from launch.slurm import LaunchError
 
 USAGE = """\
-python -m launch {debug,cpu,gpus,zero1,zero2,zero3,zero3-offload} [N] [--script PATH] [--dry-run]
+python -m launch {debug,cpu,gpus,zero1,zero2,zero3,zero3-offload} [N] [--script PATH] [--dry-run] [--max-restarts N]
                  [--nodes K --node-rank R --head-addr HOST --port P | --from-slurm] -- ENTRY_ARGS..."""
 
 EPILOG = """\
@@ -51,6 +51,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("nproc", nargs="?", type=_positive_int, metavar="N", help="processes per node")
     parser.add_argument("--script", default=DEFAULT_SCRIPT, help=f"entry script (default {DEFAULT_SCRIPT})")
     parser.add_argument("--dry-run", action="store_true", help="print the command on stdout; do not run it")
+    parser.add_argument("--max-restarts", type=int, default=0, metavar="N",
+                        help="restart the node's processes N times after one fails; they resume from the newest "
+                             "checkpoint (torchrun's elastic restarts; for preemption, use SLURM's requeue)")  # fmt: skip
     nodes = parser.add_argument_group("multi-node (gpus, zero*, cpu)")
     nodes.add_argument("--nodes", type=_positive_int, metavar="K", help="number of nodes")
     nodes.add_argument("--node-rank", type=int, metavar="R", help="this node's rank, 0 on the head node")
@@ -112,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         head_addr=args.head_addr,
         port=args.port,
         from_slurm=args.from_slurm,
+        max_restarts=args.max_restarts,
     )
     try:
         command = build_command(request, os.environ, measure_host())

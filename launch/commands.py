@@ -61,6 +61,9 @@ class Request:
     port: int | None = None
     from_slurm: bool = False
     """Read nodes, node rank, head, port and GPUs from the SLURM environment (explicit flags still win)."""
+    max_restarts: int = 0
+    """Restart every process of this node's group this many times after one fails (torchrun's elastic agent;
+    the restarted processes resume from the newest checkpoint)."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,8 @@ def _debug_command(request: Request, env: Mapping[str, str], host: Host) -> Comm
         raise LaunchError("debug runs one process on one node; drop --nodes/--from-slurm (or use cpu/gpus/zero*)")
     if request.nproc not in (None, 1):
         raise LaunchError(f"debug runs one process, not {request.nproc}; use `cpu {request.nproc}` or `gpus ...`")
+    if request.max_restarts:
+        raise LaunchError("debug runs plain python, which restarts nothing; --max-restarts needs cpu/gpus/zero*")
     user_keys = {arg.split("=", 1)[0] for arg in request.script_args if "=" in arg and not arg.startswith("-")}
     extra = [item for item in DEBUG_OVERRIDES if item.split("=", 1)[0] not in user_keys]
     command = Command(["python", request.script, *request.script_args, *extra])
@@ -187,6 +192,8 @@ def _processes_per_node(request: Request, env: Mapping[str, str], place: Placeme
 
 def _torchrun_command(request: Request, env: Mapping[str, str], place: Placement, nproc: int) -> Command:
     argv = ["torchrun", "--nproc_per_node", str(nproc)]
+    if request.max_restarts:
+        argv += ["--max-restarts", str(request.max_restarts)]
     if place.nodes > 1:
         argv += ["--nnodes", str(place.nodes), "--node_rank", str(place.node_rank), "--master_addr", place.head_addr]
     argv += ["--master_port", str(place.port), request.script, *request.script_args]
@@ -208,6 +215,8 @@ def _accelerate_command(request: Request, place: Placement, nproc: int) -> Comma
         argv += ["--num_machines", str(place.nodes), "--machine_rank", str(place.node_rank)]
         argv += ["--main_process_ip", place.head_addr]
     argv += ["--main_process_port", str(place.port)]
+    if request.max_restarts:
+        argv += ["--max_restarts", str(request.max_restarts)]
     if place.nodes > 1 and request.intent in ZERO_CONFIGS:
         argv += ["--deepspeed_multinode_launcher", "standard"]
     argv += [request.script, *request.script_args]

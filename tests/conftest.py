@@ -36,7 +36,9 @@ def tiny_config(tmp_path: Path, **sections) -> Path:
             "max_length": 64,
             "cache_dir": str(tmp_path / "cache"),
         },
-        "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3},
+        # fp32 pinned: train.precision auto would be bf16 on CPUs with native bf16 and fp32 elsewhere, and the
+        # tests compare numbers across runs and processes on whatever CPU runs them.
+        "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "precision": "fp32"},
         "eval": {"batch_size": 16},
         "logging": {"every_steps": 5, "progress": "plain"},
     }

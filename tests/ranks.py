@@ -51,15 +51,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(entry: str, argv: list[str], env: dict[str, str], stdout: str, stderr: str) -> None:
-    """A rank's body, in the forked process: its output to files, its environment, then the entry's main()."""
+def _rank_main(entry: str, argv: list[str], env: dict[str, str], stdout: str, stderr: str, cwd: str) -> None:
+    """A rank's body, in the forked process: its output to files, its environment and folder, then the entry's
+    main()."""
     for fd, path in ((1, stdout), (2, stderr)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115  (the process's own stdout)
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.environ.update(env)
-    os.chdir(ROOT)
+    os.chdir(cwd)
     code = importlib.import_module(ENTRIES[entry]).main(argv)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -114,8 +115,9 @@ class Ranks:
 
 
 def start(entry: str, argv: list[str], nproc: int = 1, env_extra: dict[str, str] | None = None,
-          log_dir: Path | None = None) -> Ranks:  # fmt: skip
-    """Start `nproc` ranks of an entry point ('train', 'pretrain', 'predict') with these arguments."""
+          log_dir: Path | None = None, cwds: list[Path] | None = None) -> Ranks:  # fmt: skip
+    """Start `nproc` ranks of an entry point ('train', 'pretrain', 'predict') with these arguments, each in the
+    repository root (or in its own folder of `cwds`: "nodes" that resolve relative paths differently)."""
     ctx = context()
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="harness-ranks-"))
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -128,7 +130,8 @@ def start(entry: str, argv: list[str], nproc: int = 1, env_extra: dict[str, str]
             env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
                        GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)  # fmt: skip
         out, err = log_dir / f"{stamp}-rank{rank}.out", log_dir / f"{stamp}-rank{rank}.err"
-        process = ctx.Process(target=_rank_main, args=(entry, list(argv), env, str(out), str(err)), daemon=False)
+        cwd = str(cwds[rank] if cwds else ROOT)
+        process = ctx.Process(target=_rank_main, args=(entry, list(argv), env, str(out), str(err), cwd), daemon=False)
         process.start()
         processes.append(process)
         outputs.append((out, err))

@@ -186,7 +186,9 @@ def _multi_hot(value: Any, name_to_id: dict[str, int], names: list[str], where: 
 def _texts(values: Sequence[Any], origin: str, column: str) -> list[str]:
     for row, text in enumerate(values):
         if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{origin}, row {row}: column {column!r}: text must be a non-empty string, got {text!r:.60}")
+            raise DataError(
+                f"{origin}, row {row}: column {column!r}: text must be a non-empty string, got {text!r:.60}"
+            )
     return list(values)
 
 

@@ -128,7 +128,9 @@ class TextEncoder:
         """The texts' token ids without special tokens or truncation."""
         return self.tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
 
-    def encode(self, texts: list[str], pairs: list[str] | None = None) -> tuple[list[list[int]], list[list[int]] | None]:
+    def encode(
+        self, texts: list[str], pairs: list[str] | None = None
+    ) -> tuple[list[list[int]], list[list[int]] | None]:
         """Token ids of each text (or pair), with special tokens, truncated; token type ids for pairs where
         `token_types`, else None."""
         if pairs is None:

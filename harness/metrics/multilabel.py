@@ -21,8 +21,12 @@ class MultiLabel(evaluate.Metric):
             description=_DESCRIPTION,
             citation="",
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Sequence(datasets.Value("int8")),
-                                        "references": datasets.Sequence(datasets.Value("int8"))}),  # fmt: skip
+            features=datasets.Features(
+                {
+                    "predictions": datasets.Sequence(datasets.Value("int8")),
+                    "references": datasets.Sequence(datasets.Value("int8")),
+                }
+            ),  # fmt: skip
         )
 
     def _compute(self, predictions, references, label_names=None):

@@ -43,6 +43,8 @@ class TaskSetup:
     place: RunPlace
     serving: ServingSpec | None
     """What an export needs to read raw text as in training (classifiers: harness.json beside the weights)."""
+    export_weights: Callable[[dict], dict] | None
+    """What the exported weights are, from the model's (regression: the head in the targets' units)."""
 
 
 class Task(Protocol):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,7 +19,13 @@ from harness.data.sources import TableSpec
 from harness.data.tokenize import TextEncoder, Windows, tokenize_split, windowed
 from harness.evaluation import gather_example_records, logits_of, model_inputs
 from harness.model import load_model, load_tokenizer
-from harness.objectives import Objective, pool_windows
+from harness.objectives import (
+    Objective,
+    fold_regression_head,
+    pool_windows,
+    target_statistics,
+    unfold_regression_head,
+)
 from harness.serving import ServingSpec
 from harness.tasks import Evaluation, TaskSetup
 
@@ -65,8 +73,15 @@ class ClassificationTask:
                 encoder = TextEncoder.of(tokenizer, cfg.data)
                 windows = {name: windowed(tokenize_split(texts[name], tokenizer, cfg.data, full=True), encoder,
                                           cfg.eval.window_stride) for name in ("validation", "test")}  # fmt: skip
+        mean, std = target_statistics(splits["train"].labels) if cfg.task.problem_type == "regression" else (0.0, 1.0)
         objective = Objective(cfg.task.problem_type, tuple(labels), cfg.eval.threshold,
-                              class_weights(cfg, splits["train"].labels, len(labels)))  # fmt: skip
+                              class_weights(cfg, splits["train"].labels, len(labels)), mean, std)  # fmt: skip
+        export_weights = None
+        if cfg.task.problem_type == "regression":
+            export_weights = partial(fold_regression_head, mean=mean, std=std)
+            exported = ServingSpec.read(Path(cfg.model.name_or_path)) if Path(cfg.model.name_or_path).is_dir() else None
+            if exported is not None and exported.problem_type == "regression":  # a head in units: standardise it
+                unfold_regression_head(model, mean, std)
         collator = PadCollator(tokenizer.pad_token_id, place.pad_multiple, fields)
         augmenting = None
         if cfg.augment.ops:  # training texts are then tokenized on the fly, after augmentation
@@ -78,8 +93,8 @@ class ClassificationTask:
                 return AugmentingCollator(texts["train"].texts, augmenter, epoch, tokenizer, cfg.data, collator)
 
         serving = ServingSpec.of(cfg, labels)
-        return ClassificationSetup(tokenizer, model, splits, accelerator, place, serving, objective, collator,
-                                   augmenting, windows)  # fmt: skip
+        return ClassificationSetup(tokenizer, model, splits, accelerator, place, serving, export_weights, objective,
+                                   collator, augmenting, windows)  # fmt: skip
 
     def train_collator(self, setup: ClassificationSetup, epoch: int) -> Callable:
         return setup.augmenting_collator(epoch) if setup.augmenting_collator else setup.collator

@@ -155,7 +155,7 @@ class MaskedLMTask:
                 for name, split in texts.items()
             }
         maskers = {name: WholeWordMasker(cfg.mlm, cfg.seed, tokenizer, split) for name, split in splits.items()}
-        return MaskedLMSetup(tokenizer, model, splits, accelerator, place, None, maskers)
+        return MaskedLMSetup(tokenizer, model, splits, accelerator, place, None, None, maskers)
 
     @staticmethod
     def collator(setup: MaskedLMSetup, split: str, epoch: int) -> MaskedLMCollator:

@@ -52,3 +52,9 @@ def test_two_ranks_score_the_best_model_exactly_as_one_process(case, tmp_path):
                 assert split_two[name] == value, name
     predictions = [json.loads(line) for line in (two / "test_predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 101 and [p["index"] for p in predictions] == list(range(101))
+
+    # The run report shows the problem type's own scores (and a confusion matrix for classes only).
+    from harness.report import write_report
+
+    html = write_report(tmp_path / "run").read_text()
+    assert f"<th>{metric}</th>" in html and ("Test confusion matrix" in html) == (case == "pairs")

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from harness.checkpoint import verify_checkpoint
+from tests import ranks
 from tests.conftest import read_metrics, read_results, run_harness, start_harness, tiny_config
 from tests.ranks import Ranks
 
@@ -104,6 +105,7 @@ def test_signal_checkpoints_and_exits_with_requeue_code(config, tmp_path, sig):
 def test_corrupted_newest_checkpoint_is_skipped_for_the_previous_one(config, tmp_path):
     out = tmp_path / "run"
     run_harness(config, f"output_dir={out}", "train.max_steps=13", "checkpoint.keep_last=3")
+    (out / "exit_status.json").unlink()  # as if the run had been killed after its last checkpoint
     newest = out / "checkpoints" / "step-0000012"
     weights = newest / "state" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated, as by a crash mid-copy
@@ -128,7 +130,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(config, tmp_path):
         env_extra={"HARNESS_INJECT_NAN_STEPS": "5,6,7,8"}, check=False,
     )  # fmt: skip
     assert proc.returncode == 3
-    assert "3 consecutive non-finite losses" in proc.stderr
+    assert "3 consecutive steps with a non-finite loss or gradient" in proc.stderr
     # Skipped steps apply no update: the checkpoint at step 6 (inside the streak) holds step 4's weights.
     good, during = out / "checkpoints" / "step-0000004", out / "checkpoints" / "step-0000006"
     verify_checkpoint(good)
@@ -175,3 +177,111 @@ def test_resume_with_another_world_size_continues_from_the_same_sample_position(
     results = read_results(one)
     assert results["world_size"] == 1 and results["optimizer_steps"] == 5 + -(-(200 - consumed) // 8)
     assert results["train_examples_seen"] == 200 and results["epochs_completed"] == 1.0
+
+
+# ---- signals in every phase --------------------------------------------------------------------------------
+
+
+def wait_for_pause(proc: Ranks, phase: str, timeout: float = 60) -> None:
+    """Until the run announces the fault-injected pause in `phase` (HARNESS_INJECT_PAUSE) on stderr."""
+    deadline = time.monotonic() + timeout
+    while f"pausing 3 s in {phase}" not in proc.stderr():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"no pause in {phase} ({proc.poll()}): {proc.stderr()[-3000:]}")
+        time.sleep(0.02)
+
+
+def test_a_signal_before_the_first_step_exits_at_once_with_the_requeue_code(config, tmp_path):
+    out = tmp_path / "run"
+    proc = start_harness(config, f"output_dir={out}", env_extra={"HARNESS_INJECT_PAUSE": "setup:3"})
+    wait_for_pause(proc, "setup")
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    done = proc.wait(timeout=60)
+    assert done.returncode == 75 and time.monotonic() - signalled < 2.5, done.stderr[-2000:]  # not after the pause
+    assert "SIGTERM before the first training step: nothing to save" in done.stderr
+    assert json.loads((out / "exit_status.json").read_text())["status"] == "preempted"
+    assert not (out / "checkpoints").exists()
+    run_harness(config, f"output_dir={out}")  # the same command starts the run
+    assert read_results(out)["resumed_from_step"] is None
+
+
+@pytest.mark.parametrize("phase", ["validation", "checkpoint"])
+def test_a_signal_during_validation_or_a_checkpoint_write_lets_it_finish_then_stops(config, tmp_path, phase):
+    # Validation at step 10 (eval.every_steps); the first checkpoint at step 4 (checkpoint.every_steps).
+    out = tmp_path / "run"
+    proc = start_harness(config, f"output_dir={out}", nproc=2, env_extra={"HARNESS_INJECT_PAUSE": f"{phase}:3"})
+    wait_for_pause(proc, phase)
+    proc.send_signal(signal.SIGTERM)
+    done = proc.wait(timeout=90)
+    assert done.returncode == 75, done.stderr[-3000:]
+    rows = read_metrics(out)
+    preempted = next(r for r in rows if r["event"] == "preempted")
+    step = 10 if phase == "validation" else 4
+    assert preempted["step"] == step  # stopped right after the phase, not a step later
+    if phase == "validation":
+        assert any(r["event"] == "eval" and r["step"] == 10 for r in rows), "the validation finished"
+    assert not any(r["event"] == "train" and r["step"] > step for r in rows)
+    verify_checkpoint(out / "checkpoints" / f"step-{step:07d}")  # complete: manifest written last
+    run_harness(config, f"output_dir={out}", nproc=2)
+    assert read_results(out)["resumed_from_step"] == step
+
+
+# ---- non-finite gradients, one run per folder, a finished run, a shared folder --------------------------
+
+
+def test_a_nonfinite_gradient_with_a_finite_loss_is_skipped_and_counted(config, tmp_path):
+    out = tmp_path / "run"
+    proc = run_harness(config, f"output_dir={out}", "train.max_steps=8", "checkpoint.every_steps=2",
+                       env_extra={"HARNESS_INJECT_NAN_GRAD_STEPS": "3"})  # fmt: skip
+    assert "step 3: non-finite gradient norm (finite loss), update skipped" in proc.stderr
+    results = read_results(out)
+    assert results["skipped_steps"] == 1 and results["optimizer_steps"] == 8
+    weights = load_file(str(out / "final" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values()), "no NaN reached the weights"
+    # The skipped step applied nothing: step 3's checkpoint would equal step 2's; so does the lr schedule.
+    rows = {r["step"]: r for r in read_metrics(out) if r["event"] == "train"}
+    assert rows[3]["grad_norm"] is None and rows[3]["lr"] == rows[2]["lr"]
+    proc = run_harness(config, f"output_dir={tmp_path / 'streak'}", "runtime.max_nonfinite_steps=2", check=False,
+                       env_extra={"HARNESS_INJECT_NAN_GRAD_STEPS": "3,4"})  # fmt: skip
+    assert proc.returncode == 3 and "2 consecutive steps with a non-finite loss or gradient" in proc.stderr
+
+
+def test_a_second_run_into_a_busy_folder_is_refused_naming_the_first(config, tmp_path):
+    out = tmp_path / "run"
+    first = start_harness(config, f"output_dir={out}", "train.epochs=20")
+    wait_for(out, lambda r: r["event"] == "train" and r["step"] >= 2, first)
+    second = run_harness(config, f"output_dir={out}", "train.epochs=20", check=False)
+    assert second.returncode == 2, second.stderr[-2000:]
+    holder = f"is in use by another run (pid {first.pids[0]} on "
+    assert holder in second.stderr and "started 20" in second.stderr, second.stderr
+    assert first.poll() is None, "the first run goes on"
+    first.kill()
+    # SIGKILL drops the lock with the process: the same command resumes.
+    run_harness(config, f"output_dir={out}", "train.max_steps=6")
+    assert read_results(out)["resumed_from_step"] == 4
+
+
+def test_a_completed_run_is_not_run_again(config, tmp_path):
+    out = tmp_path / "run"
+    run_harness(config, f"output_dir={out}", "train.max_steps=5")
+    before = (out / "results.json").read_text()
+    again = run_harness(config, f"output_dir={out}", "train.max_steps=5", check=False)
+    assert again.returncode == 2 and "this run has completed" in again.stderr
+    assert f"python -m harness.report {out}" in again.stderr and "overwrite=true" in again.stderr
+    assert (out / "results.json").read_text() == before
+    run_harness(config, f"output_dir={out}", "train.max_steps=5", "overwrite=true")
+    assert read_results(out)["resumed_from_step"] is None
+
+
+def test_ranks_that_see_different_output_dirs_refuse_to_start(config, tmp_path):
+    # Two "nodes" whose relative output_dir resolves to different local folders.
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+    proc = ranks.start("train", ["--config", str(config), "output_dir=relative/run"], nproc=2, cwds=nodes)
+    done = proc.wait(timeout=60)
+    assert [p.exitcode for p in proc.processes] == [2, 2], done.stderr[-2000:]
+    assert "Every node must see one shared output_dir" in done.stderr
+    assert "rank 1 on" in done.stderr and str(nodes[1] / "relative" / "run") in done.stderr
+    assert not (nodes[0] / "relative" / "run" / "metrics.jsonl").exists()

@@ -20,6 +20,11 @@ def submit(cluster, tmp_path, *args):
     return cluster.sbatch(*SBATCH_CPU, f"--output={tmp_path}/%x-%j.out", *args, env=CPU_JOB, cwd=ROOT)
 
 
+def cluster_submit_one_process(cluster, tmp_path, *args):
+    return cluster.sbatch(*SBATCH_CPU, f"--output={tmp_path}/%x-%j.out", *args, env={**CPU_JOB, "NPROC_PER_NODE": "1"},
+                          cwd=ROOT)  # fmt: skip
+
+
 def log_of(tmp_path, name, job_id):
     return (tmp_path / f"{name}-{job_id}.out").read_text()
 
@@ -28,12 +33,14 @@ def test_pretrain_job_runs_to_completion(slurm_cluster, tmp_path):
     corpus = write_cyclic_corpus(tmp_path / "corpus", 200, 100)
     config = tiny_config(tmp_path, data={"source": "path", "path": str(corpus), "validation_size": 40},
                          train={"max_steps": 12, "batch_size": 8})  # fmt: skip
-    job = submit(slurm_cluster, tmp_path, "slurm/pretrain.sbatch", str(config), "train.lr=2e-3")
+    # One process on a 2-CPU task: it gets both CPUs only if the job's CPUs reach the srun step.
+    job = cluster_submit_one_process(slurm_cluster, tmp_path, "slurm/pretrain.sbatch", str(config), "train.lr=2e-3")
     info = slurm_cluster.wait_until(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
     log = log_of(tmp_path, "harness-pretrain", job)
     assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert "(2 CPUs per task)" in log and "(2 threads per process)" in log
     results = read_results(tmp_path / "run")
-    assert results["task"] == "masked-lm" and results["world_size"] == 2 and results["optimizer_steps"] == 12
+    assert results["task"] == "masked-lm" and results["world_size"] == 1 and results["optimizer_steps"] == 12
     assert "harness/pretrain.py" in log and "run status completed" in log
     assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
 

@@ -132,3 +132,43 @@ def test_cpu_step_benchmark_prints_both_variants_under_both_allocator_settings()
         ("runtime.keep_freed_cpu_memory", "torch's"), ("runtime.keep_freed_cpu_memory", "harness"),
     ]  # fmt: skip
     assert all(number(r[2]) > 0 and number(r[3]) > 0 for r in rows) and rows[0][4] == "1.00x"
+
+
+GPU_CHECK_ROWS = ["throughput-bf16", "throughput-fp16", "vs-trainer", "exact-resume", "zero2", "zero3",
+                  "host-syncs-bf16", "host-syncs-fp16", "fp16-overflow", "sdpa-kernels"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_passes_on_cpu(tmp_path):
+    pytest.importorskip("deepspeed", reason="the ZeRO rows need the deepspeed package")
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(out)],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{proc.stdout[-5000:]}\n{proc.stderr[-3000:]}"
+    report = json.loads(out.read_text())
+    rows = {row["name"]: row for row in report["rows"]}
+    assert [row["name"] for row in report["rows"]] == GPU_CHECK_ROWS and report["passed"] and report["smoke"]
+    # What needs CUDA is n/a on a CPU; everything else ran and passed.
+    cuda_only = {"throughput-fp16", "host-syncs-bf16", "host-syncs-fp16"}
+    assert {name for name, row in rows.items() if row["status"] == "n/a"} == cuda_only
+    assert all(rows[name]["status"] == "pass" for name in rows if name not in cuda_only)
+    assert f"| {GPU_CHECK_ROWS[0]} | pass |" in proc.stdout
+
+    throughput = rows["throughput-bf16"]["figures"]
+    assert throughput["samples/s"] > 0 and throughput["real tokens/s"] > throughput["samples/s"]
+    assert 0 < throughput["MFU vs measured"] and throughput["steps"] == 12 and throughput["skipped"] == 0
+    # On a CPU a resumed run is the uninterrupted one, bit for bit; so are two uninterrupted runs.
+    resume = rows["exact-resume"]["figures"]
+    assert resume["max weight diff resumed"] == 0 == resume["max weight diff run-to-run"]
+    assert resume["resumed from step"] in (6, 12) and resume["losses after resume equal"]
+    for stage in ("zero2", "zero3"):
+        zero = rows[stage]["figures"]
+        assert zero["world size"] == 1 and zero["steps"] == 8 and zero["max loss rel. diff"] <= zero["allowed"]
+    overflow = rows["fp16-overflow"]["figures"]
+    assert overflow["skipped at"] == [3, 4] == overflow["injected at"] and overflow["steps"] == 8
+    # The sync counting ran its plumbing: one count per step, none on a CPU.
+    assert rows["host-syncs-bf16"]["figures"]["per plain step (max)"] == 0
+    kernels = rows["sdpa-kernels"]["figures"]
+    assert kernels["attention"] == "sdpa" and not any(str(v).startswith("no SDPA") for v in kernels.values())

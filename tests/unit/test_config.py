@@ -67,7 +67,7 @@ def test_wrong_types_and_impossible_values_are_all_reported(tmp_path):
         load_config(tiny_config(tmp_path), ["train.batch_size=many", "train.precision=fp8", "train.lr=-1"])
     message = str(err.value)
     assert "train.batch_size: expected an integer, got 'many'" in message
-    assert "train.precision: must be one of 'fp32', 'bf16', 'fp16', got 'fp8'" in message
+    assert "train.precision: must be one of 'auto', 'fp32', 'bf16', 'fp16', got 'fp8'" in message
     # Value checks run once the types are right:
     with pytest.raises(ConfigError) as err:
         load_config(tiny_config(tmp_path), ["train.lr=0", "train.batch_size=0", "data.max_length=4"])

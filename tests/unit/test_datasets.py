@@ -10,7 +10,7 @@ import torch
 
 from harness.config import ConfigError, ModelConfig, load_config
 from harness.data import prepare_text_splits
-from harness.data.sources import DataError, TableSpec, load_path_splits
+from harness.data.sources import DataError
 from harness.data.tokenize import TextEncoder, pair_budgets, tokenize_split, windowed
 from harness.model import TINY_BERT, load_model
 from harness.objectives import Objective, pool_windows
@@ -163,3 +163,21 @@ def test_objectives_losses_match_torch_and_predictions_read_back():
     regression = Objective("regression", ())
     r = regression.scores(np.array([[1.0], [2.0], [4.0]]), np.array([1.5, 2.0, 3.0]))
     assert r["mse"] == pytest.approx((0.25 + 0 + 1) / 3) == r["loss"] and r["spearman"] == pytest.approx(1.0)
+
+
+def test_a_regression_head_folds_into_the_targets_units_and_back():
+    from harness.objectives import fold_regression_head, target_statistics, unfold_regression_head
+
+    mean, std = target_statistics(np.array([1.0, 4.0, 7.0, 10.0]))
+    head = torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+    x = torch.randn(5, 6)
+    standardised = head(x).detach()
+    folded = fold_regression_head(head.state_dict(), mean, std)
+    in_units = torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+    in_units.load_state_dict(folded)
+    torch.testing.assert_close(in_units(x), standardised * std + mean)
+    objective = Objective("regression", (), target_mean=mean, target_std=std)
+    torch.testing.assert_close(torch.from_numpy(objective.values(standardised.numpy())).float(),
+                               (standardised * std + mean)[:, 0])  # fmt: skip
+    unfold_regression_head(in_units, mean, std)
+    torch.testing.assert_close(in_units(x), standardised)

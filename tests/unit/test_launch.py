@@ -480,3 +480,13 @@ def test_sweep_summary_selects_by_validation_and_shows_test_beside(tmp_path, cap
     assert lines[1].endswith("<- selected") and "0.3000" in lines[1] and "0.8500" in lines[1]
     assert not any(line.endswith("<- selected") for line in lines[2:])
     assert lines[4].split()[0] == "task-3" and "running or lost" in lines[4]
+
+
+@pytest.mark.parametrize("script", ["train.sbatch", "pretrain.sbatch", "sweep.sbatch"])
+def test_sbatch_scripts_log_where_they_are_submitted_and_give_the_step_its_cpus(script):
+    text = (ROOT / "slurm" / script).read_text()
+    output = next(line for line in text.splitlines() if line.startswith("#SBATCH --output="))
+    assert "/" not in output.split("=", 1)[1], "a log folder that does not exist makes SLURM drop the job"
+    if script == "train.sbatch":  # the others exec it
+        srun = next(line for line in text.splitlines() if line.startswith("srun "))
+        assert '--cpus-per-task="$SLURM_CPUS_PER_TASK"' in srun
