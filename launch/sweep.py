@@ -54,7 +54,9 @@ def summarize(sweep_dir: Path) -> list[dict]:
     scored = [r for r in rows if r.get("validation") is not None]
     metrics = {r["metric"] for r in scored}
     if len(metrics) > 1:
-        raise ValueError(f"{sweep_dir}: its tasks selected by different eval.metric {sorted(metrics)}; cannot rank them")
+        raise ValueError(
+            f"{sweep_dir}: its tasks selected by different eval.metric {sorted(metrics)}; cannot rank them"
+        )
     lower = bool(metrics & LOWER_IS_BETTER)
     scored.sort(key=lambda r: r["validation"] if lower else -r["validation"])
     for rank, row in enumerate(scored, start=1):

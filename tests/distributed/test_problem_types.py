@@ -58,3 +58,20 @@ def test_two_ranks_score_the_best_model_exactly_as_one_process(case, tmp_path):
 
     html = write_report(tmp_path / "run").read_text()
     assert f"<th>{metric}</th>" in html and ("Test confusion matrix" in html) == (case == "pairs")
+
+    # Served as trained: the export's harness.json says how to read the input, pairs included.
+    if case == "pairs":
+        import pandas as pd
+
+        from tests import ranks
+
+        frame = pd.read_parquet(folder / "test.parquet")
+        rows = [{"premise": a, "hypothesis": b} for a, b in zip(frame["premise"], frame["hypothesis"], strict=True)]
+        (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        served = ranks.run("predict", ["--model", str(tmp_path / "run" / "best"), "--file", str(tmp_path / "pairs.jsonl"),
+                                       "--jsonl"])  # fmt: skip
+        labels = [json.loads(line)["label"] for line in served.stdout.splitlines()]
+        expected = [json.loads(line)["prediction"] for line in (tmp_path / "run" / "test_predictions.jsonl").open()]
+        assert labels == expected
+        single = ranks.run("predict", ["--model", str(tmp_path / "run" / "best"), "premise only"], check=False)
+        assert single.returncode == 2 and "trained on text pairs (premise, hypothesis)" in single.stderr

@@ -106,3 +106,16 @@ def test_resume_from_a_zero2_checkpoint_continues_the_same_run(config, tmp_path)
     assert list(after) == list(range(6, STEPS + 1))
     a, b = load_file(str(full / "final" / "model.safetensors")), load_file(str(resumed / "final" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_in_bf16_exports_the_fp32_master_weights(stage, config, tmp_path):
+    # Under DeepSpeed bf16 the module's own weights are bf16; the optimizer updates fp32 masters, which best/ and
+    # final/ must hold (as a DDP run's fp32 parameters): values a bf16 tensor cannot represent.
+    out = tmp_path / f"zero{stage}"
+    run_harness(config, *COMMON, "train.precision=bf16", f"output_dir={out}", nproc=2, env_extra=deepspeed_env(stage))
+    assert read_results(out)["precision"] == "bf16"
+    for folder in ("final", "best"):
+        weights = [w for w in load_file(str(out / folder / "model.safetensors")).values() if w.is_floating_point()]
+        assert all(w.dtype == torch.float32 for w in weights)
+        assert sum(int((w != w.bfloat16().float()).sum()) for w in weights) > 1000, folder

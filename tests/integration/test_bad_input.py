@@ -20,10 +20,12 @@ def snapshot(folder):
 
 @pytest.fixture(scope="module")
 def previous_run(tmp_path_factory):
-    """A finished run with checkpoints, whose folder every bad invocation below points at."""
+    """An interrupted run with checkpoints, whose folder every bad invocation below points at (a completed one
+    would be refused as completed before the inputs are read)."""
     tmp = tmp_path_factory.mktemp("bad")
     config = tiny_config(tmp, train={"max_steps": 4}, checkpoint={"every_steps": 2})
     run_harness(config)
+    (tmp / "run" / "exit_status.json").unlink()
     return config, tmp / "run"
 
 

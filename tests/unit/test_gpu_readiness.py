@@ -1,0 +1,75 @@
+"""GPU-path decisions that a CPU can check: precision auto, TF32, FSDP on CPU, DeepSpeed's bf16 reduction dtype and
+offload threads, the launcher's --max-restarts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import distributed
+from harness.config import ConfigError, config_from_dict
+from launch.commands import Host, Request, build_command
+
+
+@pytest.mark.parametrize(
+    ("gpu", "gpu_bf16", "cpu_bf16", "expected"),
+    [
+        (True, True, False, "bf16"),
+        (True, False, False, "fp16"),
+        (False, False, True, "bf16"),
+        (False, False, False, "fp32"),
+    ],
+)
+def test_auto_precision_follows_the_machine(monkeypatch, gpu, gpu_bf16, cpu_bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: gpu_bf16)
+    monkeypatch.setattr(distributed, "native_cpu_bf16", lambda: cpu_bf16)
+    assert distributed.resolve_precision("auto", on_gpu=gpu) == expected
+    assert distributed.resolve_precision("fp32", on_gpu=gpu) == "fp32"  # an explicit choice stands
+
+
+def test_tf32_follows_the_setting():
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        distributed.use_tf32(True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        distributed.use_tf32(False)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_an_fsdp_launch_without_gpus_is_bad_input_naming_the_alternatives(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    cfg = config_from_dict({"model": {"name_or_path": "builtin:tiny-bert"}})
+    with pytest.raises(ConfigError, match=r"FSDP .*GPUs only.*DeepSpeed ZeRO \(python -m launch zero2 N"):
+        distributed.build_accelerator(cfg)
+
+
+def test_deepspeed_bf16_reduces_and_accumulates_gradients_in_fp32_unless_the_config_says_otherwise():
+    cfg = config_from_dict({"train": {"precision": "bf16"}})
+    filled = distributed.fill_deepspeed_config({"zero_optimization": {"stage": 2}}, cfg, 2, "test", "bf16")
+    assert filled["bf16"]["enabled"] and not filled["fp16"]["enabled"]
+    assert filled["communication_data_type"] == "fp32" and filled["data_types"]["grad_accum_dtype"] == "fp32"
+    mine = distributed.fill_deepspeed_config({"communication_data_type": "bf16"}, cfg, 2, "test", "bf16")
+    assert mine["communication_data_type"] == "bf16"
+    fp16 = distributed.fill_deepspeed_config({}, config_from_dict({}), 2, "test", "fp16")
+    assert fp16["fp16"]["enabled"] and "communication_data_type" not in fp16
+
+
+def test_offloaded_optimizers_are_recognised():
+    class Plugin:
+        def __init__(self, zero):
+            self.deepspeed_config = {"zero_optimization": zero}
+
+    assert distributed.offloads_to_cpu(Plugin({"stage": 3, "offload_optimizer": {"device": "cpu"}}))
+    assert not distributed.offloads_to_cpu(Plugin({"stage": 3, "offload_optimizer": {"device": "none"}}))
+    assert not distributed.offloads_to_cpu(Plugin({"stage": 2}))
+
+
+def test_max_restarts_reaches_torchrun_and_accelerate_launch():
+    host = Host(gpus=0, cpus=4, free_port=29500)
+    torchrun = build_command(Request("cpu", nproc=2, max_restarts=3), {}, host).argv
+    assert torchrun[torchrun.index("--max-restarts") + 1] == "3"
+    accelerate = build_command(Request("zero2", nproc=2, max_restarts=1), {}, host).argv
+    assert accelerate[accelerate.index("--max_restarts") + 1] == "1"
+    assert "--max-restarts" not in build_command(Request("cpu", nproc=2), {}, host).argv
