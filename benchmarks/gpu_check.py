@@ -68,6 +68,9 @@ RESUME_NOISE_FACTOR = 2.0
 """On a GPU the resumed run passes within this multiple of two uninterrupted runs' difference (0 when both are
 bitwise equal, as on CPU): three runs' mutual distances from atomics' noise are alike, none reliably smallest."""
 MIN_TRAINER_RATIO = 0.95
+CHECK_NAMES = ["throughput-bf16", "throughput-fp16", "vs-trainer", "exact-resume", "zero2", "zero3",
+               "host-syncs-bf16", "host-syncs-fp16", "fp16-overflow", "sdpa-kernels"]  # fmt: skip
+"""The report's rows in order (zero2 and zero3 are one check: skipping either skips both)."""
 """vs-trainer passes when the harness's samples/s are at least this share of the Trainer's at its best."""
 SDPA_KERNELS = {
     "aten::_scaled_dot_product_flash_attention_for_cpu": "flash (CPU)",
@@ -650,16 +653,18 @@ def run_check(check: Check) -> list[Row]:
     return rows
 
 
-def run_all(plan: Plan, forks: Forks) -> list[Row]:
-    """Every check's rows, in the table's order."""
+def run_all(plan: Plan, forks: Forks, skip: frozenset[str] = frozenset()) -> list[Row]:
+    """Every check's rows, in the table's order; a check named in `skip` is a "skipped" row, not run."""
     timed, rest = checks_of(plan, forks)
     order = [name for check in timed + rest for name in check.names]
+    skipped = [Row(name, "skipped", note="--skip") for name in order if name in skip]
+    timed, rest = ([c for c in checks if not set(c.names) & skip] for checks in (timed, rest))
     if plan.smoke:  # nothing is timed for real: all side by side, the longest first
-        timed, rest = [], [timed[-1], *rest, *timed[:-1]]
+        timed, rest = [], [*timed[-1:], *rest, *timed[:-1]]
     rows = [row for check in timed for row in run_check(check)]
     with ThreadPoolExecutor(max_workers=3) as pool:
         rows += [row for check_rows in pool.map(run_check, rest) for row in check_rows]
-    return sorted(rows, key=lambda row: order.index(row.name))
+    return sorted(rows + skipped, key=lambda row: order.index(row.name))
 
 
 def figure_text(value: Any) -> str:
@@ -695,6 +700,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-samples", type=int, default=2000, help="IMDB reviews of the throughput runs")
     p.add_argument("--trainer-samples", type=int, default=4000, help="IMDB reviews of the vs-trainer run")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "gpu_check.json", help="the JSON report")
+    p.add_argument("--skip", nargs="+", default=[], metavar="CHECK", choices=CHECK_NAMES,
+                   help="checks not to run (shown as skipped), e.g. vs-trainer where its own benchmark ran")  # fmt: skip
     p.add_argument("--keep-workdir", action="store_true", help="keep every run's folder and log")
     return p.parse_args(argv)
 
@@ -733,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan(smoke=args.smoke, device=device, precision=precision, workdir=workdir, config=ready["config"],
                 overrides=tuple(ready["overrides"]), batch_size=ready["batch_size"], peaks=ready["peaks"],
                 choice=choice, trainer_samples=args.trainer_samples, timeout=timeout)  # fmt: skip
-    rows = run_all(plan, forks)
+    rows = run_all(plan, forks, frozenset(args.skip))
     elapsed = time.monotonic() - started
     failed = [row.name for row in rows if row.status == "FAIL"]
     command = " ".join(["python benchmarks/gpu_check.py", *(sys.argv[1:] if argv is None else argv)])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -227,6 +228,16 @@ def use_tf32(enabled: bool) -> None:
     torch.backends.cudnn.allow_tf32 = enabled
 
 
+def use_this_pythons_ninja() -> None:
+    """Put this interpreter's bin folder first on PATH when its `ninja` is not the one found there (a
+    virtualenv run without activating it). DeepSpeed JIT-builds its ops (on CPU, the shared-memory allreduce) with
+    the first ninja on PATH, and ninja 1.11 (Debian's) and 1.13 (the pip package DeepSpeed installs) hash build
+    commands differently: runs that alternate between the two rebuild the op each time, about 30 s on 2 cores."""
+    own = Path(sys.executable).parent / "ninja"
+    if own.is_file() and shutil.which("ninja") != str(own):
+        os.environ["PATH"] = f"{own.parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
 def build_accelerator(cfg: ExperimentConfig) -> tuple[Accelerator, RunPlace]:
     """The run's Accelerator and its place (world, rank, device, precision, ZeRO stage, device-dependent
     choices), decided here once and passed down."""
@@ -253,6 +264,7 @@ def build_accelerator(cfg: ExperimentConfig) -> tuple[Accelerator, RunPlace]:
     join_process_group("nccl" if on_gpu else "gloo", timeout)
     kwargs: dict[str, Any] = {}
     if deepspeed_requested():
+        use_this_pythons_ninja()
         if cfg.train.compile:  # DeepSpeed's engine hooks parameters itself; compiling under it is untested here
             raise ConfigError(["train.compile: not supported under a DeepSpeed launch; use DDP or one process"])
         kwargs["deepspeed_plugin"] = build_deepspeed_plugin(cfg, launched_world_size(), precision)

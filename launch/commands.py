@@ -115,7 +115,11 @@ def build_command(request: Request, env: Mapping[str, str], host: Host) -> Comma
         if request.intent == "gpus":
             command.notes.insert(0, f"no GPUs on this node: starting {nproc} CPU gloo processes per node instead")
         return command
-    return _accelerate_command(request, place, nproc)
+    command = _accelerate_command(request, place, nproc)
+    if request.intent in ZERO_CONFIGS and place.gpus_per_node == 0 and "DS_ACCELERATOR" not in env:
+        # accelerate launch imports DeepSpeed, which otherwise warns it is "unable to detect" an accelerator.
+        command.env["DS_ACCELERATOR"] = "cpu"
+    return command
 
 
 def _debug_command(request: Request, env: Mapping[str, str], host: Host) -> Command:

@@ -2,7 +2,8 @@
 (as root) with a slurm.conf in a temporary folder, on free ports, localhost, the machine's CPUs.
 
 cred_expire is 10 s instead of 120: a requeued job may start again only once its old credential has
-expired, so this is how long a preempted test job waits before it resumes.
+expired, so this is how long a preempted test job waits before it resumes; the schedulers look at pending jobs
+every 2 s instead of 30-60 s, so it starts as soon as it may.
 
 Needs Debian's slurm-wlm and munge packages (.ci/run installs them) and root; `LocalSlurm.unavailable()` says
 why not, for a skip message.
@@ -67,6 +68,7 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2

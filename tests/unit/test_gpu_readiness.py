@@ -1,5 +1,5 @@
 """GPU-path decisions that a CPU can check: precision auto, TF32, FSDP on CPU, DeepSpeed's bf16 reduction dtype and
-offload threads, the launcher's --max-restarts."""
+offload threads and ninja, the launcher's --max-restarts."""
 
 from __future__ import annotations
 
@@ -73,3 +73,19 @@ def test_max_restarts_reaches_torchrun_and_accelerate_launch():
     accelerate = build_command(Request("zero2", nproc=2, max_restarts=1), {}, host).argv
     assert accelerate[accelerate.index("--max_restarts") + 1] == "1"
     assert "--max-restarts" not in build_command(Request("cpu", nproc=2), {}, host).argv
+
+
+def test_deepspeed_builds_its_ops_with_this_pythons_ninja(monkeypatch, tmp_path):
+    """DeepSpeed JIT-builds ops with the first ninja on PATH; two ninja versions alternating rebuild them each run."""
+    fake_python = tmp_path / "venv" / "bin" / "python"
+    for folder in (fake_python.parent, tmp_path / "usr"):  # the venv's ninja, and the system's on PATH
+        folder.mkdir(parents=True)
+        (folder / "ninja").write_text("#!/bin/sh\n")
+        (folder / "ninja").chmod(0o755)
+    monkeypatch.setattr(distributed.sys, "executable", str(fake_python))
+    monkeypatch.setenv("PATH", str(tmp_path / "usr"))
+    distributed.use_this_pythons_ninja()
+    assert distributed.shutil.which("ninja") == str(fake_python.parent / "ninja")
+    path = distributed.os.environ["PATH"]
+    distributed.use_this_pythons_ninja()  # already first: PATH stays as it is
+    assert distributed.os.environ["PATH"] == path
