@@ -27,6 +27,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/activate
 
 $(VENV)/.installed-test: $(VENV)/.installed-dev
 	$(BIN)/python -m pip install --quiet -e ".[dev,deepspeed]"
+	$(BIN)/python -c "from harness.distributed import build_deepspeed_cpu_ops; build_deepspeed_cpu_ops()"
 	touch $@
 
 quickstart: $(VENV)/.installed-dev
