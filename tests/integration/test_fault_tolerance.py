@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness.checkpoint import verify_checkpoint
+from harness.checkpoint import complete_checkpoints, verify_checkpoint
 from tests import ranks
 from tests.conftest import read_metrics, read_results, run_harness, start_harness, tiny_config
 from tests.ranks import Ranks
@@ -256,10 +256,13 @@ def test_a_second_run_into_a_busy_folder_is_refused_naming_the_first(config, tmp
     holder = f"is in use by another run (pid {first.pids[0]} on "
     assert holder in second.stderr and "started 20" in second.stderr, second.stderr
     assert first.poll() is None, "the first run goes on"
+    wait_for(out, lambda r: r["event"] == "train" and r["step"] >= 5, first)  # past its first checkpoint
     first.kill()
-    # SIGKILL drops the lock with the process: the same command resumes.
-    run_harness(config, f"output_dir={out}", "train.max_steps=6")
-    assert read_results(out)["resumed_from_step"] == 4
+    # SIGKILL drops the lock with the process: the same command resumes, from the first run's newest checkpoint
+    # (the first run went on while the second was refused: which one that is depends on the machine's speed).
+    newest = int(complete_checkpoints(out / "checkpoints")[-1].name.removeprefix("step-"))
+    run_harness(config, f"output_dir={out}", f"train.max_steps={newest + 2}")
+    assert read_results(out)["resumed_from_step"] == newest >= 4
 
 
 def test_a_completed_run_is_not_run_again(config, tmp_path):
