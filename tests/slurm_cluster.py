@@ -1,9 +1,11 @@
 """A real one-node SLURM cluster on this machine, for tests: munged (as the munge user), slurmctld and slurmd
-(as root) with a slurm.conf in a temporary folder, on free ports, localhost, the machine's CPUs.
+(as root) with a slurm.conf in a temporary folder, on free ports, localhost.
 
-cred_expire is 10 s instead of 120: a requeued job may start again only once its old credential has
-expired, so this is how long a preempted test job waits before it resumes; the schedulers look at pending jobs
-every 2 s instead of 30-60 s, so it starts as soon as it may.
+cred_expire is 5 s (SLURM's minimum) instead of 120: a requeued job may start again only once its old
+credential has expired, so this is how long a preempted test job waits before it resumes; the schedulers look
+at pending jobs every 2 s instead of 30-60 s, so it starts as soon as it may. The node declares twice the
+machine's CPUs (config_overrides lets slurmd believe it): the tests' 2-CPU jobs are mostly Python imports and
+waiting, so two of them run at once instead of one after the other.
 
 Needs Debian's slurm-wlm and munge packages (.ci/run installs them) and root; `LocalSlurm.unavailable()` says
 why not, for a skip message.
@@ -54,7 +56,7 @@ SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 AuthType=auth/munge
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=5
 CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root
@@ -72,13 +74,14 @@ SchedulerParameters=sched_interval=2,bf_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
+SlurmdParameters=config_overrides
 JobCompType=jobcomp/none
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 InactiveLimit=0
 MinJobAge=600
 KillWait=30
-NodeName=localhost NodeAddr=127.0.0.1 CPUs={os.cpu_count()} State=UNKNOWN
+NodeName=localhost NodeAddr=127.0.0.1 CPUs={2 * (os.cpu_count() or 1)} State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 """
         )

@@ -52,8 +52,16 @@ def test_preempted_job_checkpoints_requeues_resumes_and_matches_an_uninterrupted
         train={"epochs": 2, "batch_size": 8},
         checkpoint={"every_steps": 10},
     )
-    # The reference: a train job that runs to completion.
+    # The reference, a train job that runs to completion, and the same job, preempted once with USR1 mid-run.
     reference = submit(slurm_cluster, tmp_path, "slurm/train.sbatch", str(config), f"output_dir={tmp_path / 'ref'}")
+    job = submit(slurm_cluster, tmp_path, "slurm/train.sbatch", str(config))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and '"event": "checkpoint"' in metrics.read_text()):
+        assert time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.2)
+    slurm_cluster.run("scancel", "--signal=USR1", job)
+
     info = slurm_cluster.wait_until(reference, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
     log = log_of(tmp_path, "harness-train", reference)
     assert info["JobState"] == "COMPLETED", log[-3000:]
@@ -62,15 +70,6 @@ def test_preempted_job_checkpoints_requeues_resumes_and_matches_an_uninterrupted
     assert json.loads((tmp_path / "ref" / "exit_status.json").read_text())["status"] == "completed"
     assert "torchrun --nproc_per_node 2" in log and "run status completed" in log
 
-    # The same job, preempted once with USR1 mid-run.
-
-    job = submit(slurm_cluster, tmp_path, "slurm/train.sbatch", str(config))
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.is_file() and '"event": "checkpoint"' in metrics.read_text()):
-        assert time.monotonic() < deadline, "no checkpoint was written"
-        time.sleep(0.2)
-    slurm_cluster.run("scancel", "--signal=USR1", job)
     info = slurm_cluster.wait_until(job, {"PENDING"}, timeout=120)  # requeued: held until its credential expires
     assert info["Restarts"] == "1", info
     info = slurm_cluster.wait_until(job, {"COMPLETED", "FAILED", "CANCELLED"})
