@@ -94,4 +94,4 @@ def model_inputs(batch: dict) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
 
 
-NOT_MODEL_INPUTS = ("labels", "index")
+NOT_MODEL_INPUTS = ("labels", "index", "predicted", "targets")

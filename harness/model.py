@@ -343,15 +343,19 @@ def compiled_graph_count() -> int:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _sparse_forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
-    """Given `labels`, the logits at the predicted positions only ([predicted, vocab] rather than
-    [batch, length, vocab]): for a small encoder the vocabulary projection of every position costs as much as
-    the encoder. Without labels, the family's own forward."""
-    if labels is None:
+def _sparse_forward(self, input_ids=None, attention_mask=None, labels=None, predicted=None, **kwargs):
+    """Given `labels` or `predicted` (the flat [batch x length] indices of the positions to predict, in row-major
+    order, as the pre-training collator gives them), the logits at those positions only ([predicted, vocab]
+    rather than [batch, length, vocab]): for a small encoder the vocabulary projection of every position costs as
+    much as the encoder. Without either, the family's own forward. `predicted` keeps the host from waiting for
+    the GPU: selecting by `labels != IGNORE` on the device needs the count of selected positions on the host."""
+    if labels is None and predicted is None:
         return type(self).__mro__[1].forward(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    if predicted is None:
+        predicted = (labels != IGNORE).flatten().nonzero().squeeze(1)
     encoder = self.base_model
     hidden = encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs).last_hidden_state
-    return MaskedLMOutput(logits=self.harness_family.mlm_logits(self, hidden[labels != IGNORE]))
+    return MaskedLMOutput(logits=self.harness_family.mlm_logits(self, hidden.flatten(0, 1).index_select(0, predicted)))
 
 
 _SPARSE_CLASSES: dict[type, type] = {}

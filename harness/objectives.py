@@ -56,16 +56,12 @@ class Objective:
     """regression: the training targets' mean and standard deviation (the model's outputs are standardised)."""
     target_std: float = 1.0
 
-    @property
-    def num_outputs(self) -> int:
-        return 1 if self.problem_type == "regression" else len(self.label_names)
-
     # -- training --------------------------------------------------------------------------------------------
     def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The micro-batch's summed loss (fp32), to be divided by the step's `weight_of` its examples."""
         logits = logits.float()
         if self.problem_type == "single_label":
-            weight = None if self.class_weights is None else logits.new_tensor(self.class_weights)
+            weight = None if self.class_weights is None else _weights_on(self.class_weights, logits.device)
             return F.cross_entropy(logits, labels, weight=weight, reduction="sum")
         if self.problem_type == "multi_label":
             return F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(dim=-1).sum()
@@ -169,6 +165,13 @@ def pool_windows(logits: np.ndarray, document: np.ndarray, documents: int, how: 
         return pooled
     np.add.at(pooled, document, logits)
     return pooled / np.bincount(document, minlength=documents)[:, None]
+
+
+@functools.cache
+def _weights_on(weights: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """Class weights as a tensor on `device`, copied there once: a copy per micro-batch would make the host wait
+    for the GPU every step."""
+    return torch.tensor(weights, dtype=torch.float32, device=device)
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:

@@ -100,28 +100,27 @@ class MaskedLMCollator:
         input_ids = pad_rows([ids for ids, _ in masked], self.pad_token_id, self.pad_to_multiple_of)
         labels = pad_rows([labels for _, labels in masked], IGNORE, self.pad_to_multiple_of)
         attention_mask = attention_mask_for([ids for ids, _ in masked], input_ids.shape[1])
+        predicted = (labels.flatten() != IGNORE).nonzero().squeeze(1)  # here, on the host: no device sync later
         return {
             "input_ids": input_ids,  # [batch, longest], masked
             "attention_mask": attention_mask,  # [batch, longest]
             "labels": labels,  # [batch, longest]: original ids where predicted, IGNORE elsewhere
+            "predicted": predicted,  # [predicted]: flat indices of the predicted positions, row-major
+            "targets": labels.flatten()[predicted],  # [predicted]: their original ids
             "index": torch.tensor([example[0] for example in examples], dtype=torch.long),
         }
 
 
 def predicted_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """Logits at the predicted positions, [predicted, vocab], in row-major order of `labels != IGNORE`."""
-    logits = model(**model_inputs(batch), labels=batch["labels"]).logits
-    if logits.dim() == 3:  # a model that scores every position (non-BERT families): select afterwards
-        logits = logits[batch["labels"] != IGNORE]
-    return logits.float()
+    """Logits at the batch's predicted positions, [predicted, vocab], in the order of `batch["predicted"]`."""
+    return model(**model_inputs(batch), predicted=batch["predicted"]).logits.float()
 
 
 def masked_lm_scores(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
     """Per example: summed loss, predicted tokens and correct predictions."""
-    labels = batch["labels"]
+    labels, targets = batch["labels"], batch["targets"]
     logits = predicted_logits(model, batch)
-    rows = (labels != IGNORE).nonzero()[:, 0]  # the example of each predicted token
-    targets = labels[labels != IGNORE]
+    rows = batch["predicted"] // labels.shape[1]  # the example of each predicted token
     per_token = F.cross_entropy(logits, targets, reduction="none").double()
     zeros = torch.zeros(len(labels), dtype=torch.float64, device=labels.device)
     return {
@@ -170,8 +169,7 @@ class MaskedLMTask:
         return sum(masker.count(i, epoch) for micro_batch in global_step for i in micro_batch)
 
     def loss_sum(self, setup: MaskedLMSetup, model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        labels = batch["labels"]
-        return F.cross_entropy(predicted_logits(model, batch), labels[labels != IGNORE], reduction="sum")
+        return F.cross_entropy(predicted_logits(model, batch), batch["targets"], reduction="sum")
 
     def evaluate(self, setup: MaskedLMSetup, model: torch.nn.Module, split: str) -> Evaluation:
         records = gather_example_records(

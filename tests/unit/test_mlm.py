@@ -134,7 +134,11 @@ def test_sparse_head_equals_the_full_head_at_masked_positions(split, tiny):
         sparse = model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
         ).logits
+        by_index = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         predicted=batch["predicted"]).logits  # fmt: skip
     chosen = batch["labels"] != IGNORE
     assert sparse.shape == (chosen.sum(), full.shape[-1])
     torch.testing.assert_close(sparse, full[chosen], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(by_index, sparse, rtol=0, atol=0)  # the collator's index: the same positions
+    assert torch.equal(batch["targets"], batch["labels"][chosen])
     assert not any(p.requires_grad for p in model.bert.pooler.parameters())  # kept for fine-tuning, not trained
