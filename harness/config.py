@@ -567,6 +567,9 @@ def _check_task(cfg: ExperimentConfig) -> list[str]:
     if e.long_documents == "windows":
         if d.text_pair_column:
             p.append("eval.long_documents: windows reads single long texts; it does not apply to text pairs")
+        if cfg.model.modalities != ["text"]:
+            p.append(f"eval.long_documents: windows reads text alone; it does not apply to model.modalities="
+                     f"{cfg.model.modalities}")  # fmt: skip
         if not 0 <= e.window_stride < d.max_length // 2:
             p.append(f"eval.window_stride: tokens shared by consecutive windows, 0 to data.max_length / 2, "
                      f"got {e.window_stride}")  # fmt: skip

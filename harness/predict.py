@@ -148,22 +148,19 @@ def classify(texts: list[str], tokenizer, model, batch_size: int = 32, max_lengt
     import torch
 
     from harness.data.collate import PadCollator
-    from harness.data.tokenize import TextEncoder
+    from harness.data.tokenize import TextEncoder, takes_token_types
     from harness.objectives import Objective, pool_windows
 
     if batch_size < 1:
         raise PredictError(f"--batch-size: must be at least 1, got {batch_size}")
     spec = spec or plain_spec(model, max_length)
-    import inspect
-
-    # Token types for pairs where both the tokenizer and the model take them, as in training.
-    token_types = (pairs is not None and "token_type_ids" in tokenizer.model_input_names
-                   and "token_type_ids" in inspect.signature(model.forward).parameters)  # fmt: skip
+    token_types = pairs is not None and takes_token_types(tokenizer, model)  # as in training
     encoder = TextEncoder(tokenizer, spec.max_length, spec.truncation, spec.head_tokens, token_types)
-    if spec.long_documents == "windows" and pairs is None:
-        rows = [(encoder.windows(body, spec.window_stride), None) for body in encoder.bodies(texts)]
-        document = np.asarray([i for i, (windows, _) in enumerate(rows) for _ in windows])
-        ids, types = [w for windows, _ in rows for w in windows], None
+    if spec.long_documents == "windows":
+        if pairs is not None:
+            raise PredictError("--long windows: reads single long texts; it does not apply to text pairs")
+        ids, document = encoder.windows_of(encoder.bodies(texts), spec.window_stride)
+        types = None
     else:
         ids, types = encoder.encode(texts, pairs)
         document = None

@@ -67,7 +67,9 @@ def truncate(ids: list[int], budget: int, strategy: str, head_tokens: int) -> li
 
 def pair_budgets(first: int, second: int, budget: int) -> tuple[int, int]:
     """Lengths the two sides of a pair keep: the longer side is cut first, down to the shorter's length, then
-    both alternately (the second first): what transformers' `longest_first` truncation does token by token."""
+    both alternately: what transformers' `longest_first` truncation does token by token (it cuts the second side
+    when both are equally long, so an odd budget's extra token stays with the side that was longer, or the
+    second)."""
     excess = first + second - budget
     if excess <= 0:
         return first, second
@@ -75,7 +77,8 @@ def pair_budgets(first: int, second: int, budget: int) -> tuple[int, int]:
         return first - excess, second
     if second - excess >= first:
         return first, second - excess
-    return (budget + 1) // 2, budget // 2
+    short = budget // 2
+    return (budget - short, short) if first > second else (short, budget - short)
 
 
 def _locate(full: list[int], body: list[int], start: int = 0) -> int:
@@ -93,6 +96,18 @@ def special_affixes(tokenizer) -> tuple[list[int], list[int]]:
     full = tokenizer("hello", add_special_tokens=True)["input_ids"]
     start = _locate(full, body)
     return full[:start], full[start + len(body) :]
+
+
+def takes_token_types(tokenizer, model) -> bool:
+    """Whether a pair's second text is marked with token type 1: only where the tokenizer makes token types,
+    the model's forward takes them and it has a second type to embed. DistilBERT and ModernBERT take none;
+    RoBERTa checkpoints embed one type (type_vocab_size 1), so type 1 would index past their table."""
+    import inspect
+
+    config = getattr(model, "config", None)
+    return ("token_type_ids" in tokenizer.model_input_names
+            and "token_type_ids" in inspect.signature(model.forward).parameters
+            and getattr(config, "type_vocab_size", 2) > 1)  # fmt: skip
 
 
 @dataclass
@@ -140,13 +155,17 @@ class TextEncoder:
         pre, type_a, mid, type_b, suf = self.type_parts
         for a, b in zip(self.bodies(texts), self.bodies(pairs), strict=True):
             keep_a, keep_b = pair_budgets(len(a), len(b), budget)
-            a, b = self.cut(a, keep_a), self.cut(b, keep_b)
+            a, b = self.cut(a, keep_a, side=True), self.cut(b, keep_b, side=True)
             ids.append(self.pair_prefix + a + self.pair_middle + b + self.pair_suffix)
             types.append(pre + [type_a] * len(a) + mid + [type_b] * len(b) + suf)
         return ids, types if self.token_types else None
 
-    def cut(self, body: list[int], budget: int) -> list[int]:
-        return truncate(body, budget, self.truncation, self.head_tokens)
+    def cut(self, body: list[int], budget: int, side: bool = False) -> list[int]:
+        """`body` cut to `budget` tokens. A `side` of a pair keeps head_tokens in proportion to its budget
+        (head_tail): a side's budget is about half a single text's, and the full head_tokens would leave it no
+        tail."""
+        head = round(self.head_tokens * budget / self.budget) if side else self.head_tokens
+        return truncate(body, budget, self.truncation, head)
 
     def wrap(self, body: list[int]) -> list[int]:
         return self.prefix + body + self.suffix
@@ -159,6 +178,12 @@ class TextEncoder:
         step = self.budget - stride
         starts = list(range(0, len(body) - self.budget, step)) + [len(body) - self.budget]
         return [self.wrap(body[start : start + self.budget]) for start in starts]
+
+    def windows_of(self, bodies: list[list[int]], stride: int) -> tuple[list[list[int]], np.ndarray]:
+        """Every body's windows, flat, and for each window the index of the body it comes from."""
+        per_body = [self.windows(body, stride) for body in bodies]
+        document = np.asarray([i for i, windows in enumerate(per_body) for _ in windows], dtype=np.int64)
+        return [window for windows in per_body for window in windows], document
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -281,11 +306,7 @@ class Windows:
 
 def windowed(bodies: TokenizedSplit, encoder: TextEncoder, stride: int) -> Windows:
     """Cut every text (`tokenize_split(..., full=True)` bodies) into windows; each window carries its text's label."""
-    ids, document = [], []
-    for index, body in enumerate(bodies.input_ids):
-        for window in encoder.windows(body.tolist(), stride):
-            ids.append(np.asarray(window, dtype=np.int32))
-            document.append(index)
-    document = np.asarray(document, dtype=np.int64)
+    windows, document = encoder.windows_of([body.tolist() for body in bodies.input_ids], stride)
+    ids = [np.asarray(window, dtype=np.int32) for window in windows]
     split = TokenizedSplit(ids, bodies.labels[document], np.asarray([len(w) for w in ids], dtype=np.int64))
     return Windows(split, document, len(bodies))

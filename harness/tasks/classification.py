@@ -3,7 +3,6 @@ problem type (single-label, multi-label, regression: harness/objectives.py), and
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -16,7 +15,7 @@ from harness.config import ExperimentConfig
 from harness.data import prepare_text_splits
 from harness.data.collate import PadCollator
 from harness.data.sources import TableSpec
-from harness.data.tokenize import TextEncoder, Windows, tokenize_split, windowed
+from harness.data.tokenize import TextEncoder, Windows, takes_token_types, tokenize_split, windowed
 from harness.evaluation import gather_example_records, logits_of, model_inputs
 from harness.model import load_model, load_tokenizer
 from harness.objectives import (
@@ -62,9 +61,7 @@ class ClassificationTask:
             tokenizer, model = load_tokenizer(cfg.model), build_fusion_classifier(cfg, cfg.seed)
             fields = field_collators(cfg.model.modalities)
         texts = prepare_text_splits(cfg)
-        # Token types only where both the tokenizer and the model take them (DistilBERT and ModernBERT do not).
-        token_types = ("token_type_ids" in tokenizer.model_input_names
-                       and "token_type_ids" in inspect.signature(model.forward).parameters)  # fmt: skip
+        token_types = takes_token_types(tokenizer, model)
         with accelerator.main_process_first():  # rank 0 fills the tokenization cache; the others then read it
             splits = {name: tokenize_split(split, tokenizer, cfg.data, token_types=token_types)
                       for name, split in texts.items()}  # fmt: skip

@@ -75,6 +75,12 @@ def test_wrong_types_and_impossible_values_are_all_reported(tmp_path):
     assert "train.lr: must be > 0, got 0.0" in message
     assert "train.batch_size: must be >= 1, got 0" in message
     assert "data.max_length: must be >= 8, got 4" in message
+    # Windows read one text alone: not pairs, not text beside other modalities.
+    with pytest.raises(ConfigError) as err:
+        load_config(tiny_config(tmp_path), ["eval.long_documents=windows", "data.text_pair_column=second",
+                                            "model.modalities=[text,tabular]"])  # fmt: skip
+    assert "windows reads single long texts; it does not apply to text pairs" in str(err.value)
+    assert "windows reads text alone; it does not apply to model.modalities=['text', 'tabular']" in str(err.value)
 
 
 def test_malformed_override(tmp_path):

@@ -44,6 +44,7 @@ def test_pairs_are_tokenized_as_pairs_with_the_longer_side_cut_first(tmp_path, t
     assert pair_budgets(10, 3, 9) == (6, 3)  # only the longer side loses tokens
     assert pair_budgets(3, 10, 9) == (3, 6)
     assert pair_budgets(8, 7, 10) == (5, 5)  # both cut, alternately from the longer
+    assert pair_budgets(10, 10, 9) == (4, 5) and pair_budgets(11, 10, 9) == (5, 4)  # the odd token: as transformers
     folder = write_pairs(tmp_path / "pairs")
     cfg = config(tmp_path, folder, "data.text_column=premise", "data.text_pair_column=hypothesis",
                  "data.labels=[neg,pos]", "data.max_length=24")  # fmt: skip
@@ -61,6 +62,20 @@ def test_pairs_are_tokenized_as_pairs_with_the_longer_side_cut_first(tmp_path, t
     a, b = splits["test"].texts[0], splits["test"].pairs[0]
     expected = tokenizer(a, b, truncation="longest_first", max_length=24)["input_ids"]
     assert encoder.encode([a], [b])[0][0] == expected
+    words = " ".join(splits["train"].texts).split()
+    for first, second, max_length in [(9, 9, 16), (9, 9, 17), (12, 9, 16), (9, 12, 16), (20, 3, 16), (7, 8, 12)]:
+        a, b = " ".join(words[:first]), " ".join(words[first : first + second])
+        expected = tokenizer(a, b, truncation="longest_first", max_length=max_length)["input_ids"]
+        assert TextEncoder(tokenizer, max_length).encode([a], [b])[0][0] == expected, (first, second, max_length)
+    # head_tail on both sides of a pair: each keeps its head and its tail, head_tokens in proportion to its share.
+    encoder = TextEncoder(tokenizer, 24, "head_tail", head_tokens=16)
+    a, b = " ".join(words[:30]), " ".join(words[30:60])
+    ids = encoder.encode([a], [b])[0][0]
+    body_a, body_b = encoder.bodies([a])[0], encoder.bodies([b])[0]
+    sep = ids.index(vocab["[SEP]"])
+    kept_a, kept_b = ids[1:sep], ids[sep + 1 : -1]
+    assert len(kept_a) + len(kept_b) == 21 and kept_a[-1] == body_a[-1] and kept_b[-1] == body_b[-1]
+    assert kept_a[: len(kept_a) // 2] == body_a[: len(kept_a) // 2]
 
 
 @pytest.mark.parametrize("layout", ["list", "columns"])

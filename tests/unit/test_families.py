@@ -177,3 +177,17 @@ def test_custom_code_loads_only_with_trust_remote_code(folders, tmp_path):
     # An unknown model type is matched by structure (BERT's layout) for freezing; dropout keys need the family.
     assert not model.bert.encoder.layer[0].attention.self.query.weight.requires_grad
     assert model.config.hidden_dropout_prob == 0.2
+
+
+def test_pairs_get_token_types_only_where_the_model_embeds_a_second_type(folders):
+    from harness.data.tokenize import takes_token_types
+
+    expected = {"bert": True, "electra": True, "albert": True, "roberta": True, "distilbert": False,
+                "modernbert": False, "deberta-v2": False}  # fmt: skip
+    for family, takes in expected.items():
+        tokenizer, model = load_model(ModelConfig(name_or_path=str(folders[family])), "classifier", LABELS, seed=0)
+        assert takes_token_types(tokenizer, model) == takes, family
+    # roberta-base itself embeds one token type: type 1 would index past its table.
+    tokenizer, model = load_model(ModelConfig(name_or_path=str(folders["roberta"])), "classifier", LABELS, seed=0)
+    model.config.type_vocab_size = 1
+    assert not takes_token_types(tokenizer, model)

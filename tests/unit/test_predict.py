@@ -136,6 +136,11 @@ def test_long_texts_are_truncated_to_max_length(tiny_model_dir):
     with torch.inference_mode():
         expected = model(**ids).logits.softmax(-1)[0]
     assert cut["probabilities"]["pos"] == pytest.approx(float(expected[1]), abs=1e-6)
+    windows = P.replace(P.plain_spec(model, 8), long_documents="windows", window_stride=2)
+    with pytest.raises(
+        P.PredictError, match="--long windows: reads single long texts; it does not apply to text pairs"
+    ):
+        P.classify([long], tokenizer, model, pairs=["a pair"], spec=windows)
 
 
 def test_jsonl_output_in_process(tiny_model_dir, capsys):
