@@ -88,6 +88,7 @@ def test_cuda_workloads_are_bert_base_throughput_and_minilm_time_to_accuracy():
     bert, minilm = build_workloads(parse_args(["--device", "cuda"]).work)
     assert bert.random_bert and bert.config.name == "imdb_bert_base.yaml"
     assert {"data.max_length=512", "train.precision=bf16", "data.max_train_samples=null"} <= set(bert.overrides)
+    assert all("train.layer_lr_decay=1.0" in w.overrides for w in (bert, minilm))  # as the Trainer sides train
     assert not minilm.random_bert and minilm.config.name == "imdb_minilm_cpu.yaml"
     assert {"data.max_train_samples=null", "data.max_eval_samples=null"} <= set(minilm.overrides)
 
