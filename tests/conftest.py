@@ -77,7 +77,7 @@ def start_harness(config: Path, *overrides: str, nproc: int = 1, entry: Path = T
 
 def deepspeed_env(stage: int, config_file: Path | None = None) -> dict[str, str]:
     """What `accelerate launch --use_deepspeed --zero_stage N [--deepspeed_config_file F]` exports to its
-    processes (read off accelerate 1.15's launcher); tests/distributed/test_launchers.py runs the real one."""
+    processes (read off accelerate 1.15's launcher); tests/distributed/test_launch_cpu.py runs the real one."""
     env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_CONFIG_DS_FIELDS": "",
            "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(stage)}  # fmt: skip
     if config_file is not None:

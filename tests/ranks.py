@@ -8,7 +8,7 @@ ranks form a real gloo world from the environment torchrun would give them (RANK
 LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
 
 What this does not exercise, the launchers themselves (torchrun, accelerate launch, python -m launch, SLURM), is
-tested with real launcher processes elsewhere (tests/distributed/test_launchers.py, tests/integration/).
+tested with real launcher processes elsewhere (tests/distributed/test_launch_cpu.py, test_gloo.py, tests/integration/).
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def _rank_main(entry: str, argv: list[str], env: dict[str, str], stdout: str, st
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.environ.update(env)
     os.chdir(cwd)
+    sys.argv = [f"harness/{entry}.py", *argv]  # what the harness records as the run's command, as if typed
     code = importlib.import_module(ENTRIES[entry]).main(argv)
     sys.stdout.flush()
     sys.stderr.flush()

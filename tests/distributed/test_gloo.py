@@ -1,13 +1,10 @@
 """Real multi-process runs: 2 gloo ranks on CPU, tiny BERT, synthetic data."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, TRAIN, free_port, read_metrics, read_results, run_harness, tiny_config
+from tests.conftest import ROOT, read_metrics, read_results, run_accelerate, run_harness, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -73,13 +70,7 @@ def test_same_update_however_a_step_is_split(tmp_path):
 
 def test_accelerate_launch_cpu_config_forms_two_gloo_ranks(tmp_path):
     config = tiny_config(tmp_path, train={"max_steps": 6, "batch_size": 8})
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-        str(ROOT / "configs" / "accelerate" / "cpu_gloo.yaml"), "--main_process_port", str(free_port()),
-        str(TRAIN), "--config", str(config),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_accelerate(config, launch_args=["--config_file", str(ROOT / "configs" / "accelerate" / "cpu_gloo.yaml")])
     results = read_results(tmp_path / "run")
     assert results["world_size"] == 2 and results["optimizer_steps"] == 6
 

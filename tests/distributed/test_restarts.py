@@ -41,6 +41,7 @@ def test_a_crashed_rank_is_restarted_and_the_job_ends_as_if_uninterrupted(tmp_pa
     rank1.kill()
     output, _ = launcher.communicate(timeout=300)
     assert launcher.returncode == 0, output[-5000:]
+    assert "local_rank: 1" in output, output[-5000:]  # the launcher names the rank that died
     assert "resuming from" in output
 
     results = read_results(restarted)
