@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from benchmarks.sides import ChildSpec, SideResult, peak_memory_mib
 from benchmarks.workloads import data_fingerprint, pad_multiple, tokenized_splits
 from harness.config import ExperimentConfig, load_config
+from harness.families import family_of
 
 if TYPE_CHECKING:
     from harness.data.tokenize import TokenizedSplit
@@ -169,7 +170,7 @@ def run_trainer_side(spec: ChildSpec, best: bool) -> SideResult:
             "trainer_train_runtime": trainer.state.log_history[-1].get("train_runtime"),
             "mixed_precision": str(trainer.accelerator.mixed_precision),
             "warmup_steps": trainer.args.warmup_steps,
-            "hidden_dropout_prob": getattr(model.config, "hidden_dropout_prob", None),
-            "attention_probs_dropout_prob": getattr(model.config, "attention_probs_dropout_prob", None),
+            # The encoder's dropout under its family's own names (DistilBERT and ModernBERT have no hidden_dropout_prob).
+            **{key: getattr(model.config, key) for key in family_of(model).dropout_keys},
         },
     )

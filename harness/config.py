@@ -537,6 +537,8 @@ METRICS_BY_PROBLEM = {
     "multi_label": ("loss", "subset_accuracy", "f1_macro", "f1_micro"),
     "regression": ("loss", "mse", "mae", "pearson", "spearman"),
 }
+LOWER_IS_BETTER = frozenset({"loss", "mse", "mae"})
+"""Metrics whose best value is the lowest (the rest: the highest)."""
 
 
 def _check_task(cfg: ExperimentConfig) -> list[str]:

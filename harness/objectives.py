@@ -27,9 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from harness.config import LOWER_IS_BETTER
+
 METRIC_MODULES = {name: Path(__file__).parent / "metrics" / f"{file}.py" for name, file in
                   (("single_label", "classification"), ("multi_label", "multilabel"), ("regression", "regression"))}  # fmt: skip
-LOWER_IS_BETTER = {"loss", "mse", "mae"}
 HF_PROBLEM_TYPES = {"single_label": "single_label_classification", "multi_label": "multi_label_classification",
                     "regression": "regression"}  # fmt: skip
 """transformers' names (config.problem_type): pipelines pick softmax, sigmoid or none by them."""

@@ -51,7 +51,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("nproc", nargs="?", type=_positive_int, metavar="N", help="processes per node")
     parser.add_argument("--script", default=DEFAULT_SCRIPT, help=f"entry script (default {DEFAULT_SCRIPT})")
     parser.add_argument("--dry-run", action="store_true", help="print the command on stdout; do not run it")
-    parser.add_argument("--max-restarts", type=int, default=0, metavar="N",
+    parser.add_argument("--max-restarts", type=_count, default=0, metavar="N",
                         help="restart the node's processes N times after one fails; they resume from the newest "
                              "checkpoint (torchrun's elastic restarts; for preemption, use SLURM's requeue)")  # fmt: skip
     nodes = parser.add_argument_group("multi-node (gpus, zero*, cpu)")
@@ -69,6 +69,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if entry_args is None:
         parser.error("give the entry script's arguments after `--`, e.g. -- --config configs/quickstart.yaml")
     return args, entry_args
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:

@@ -12,7 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
-LOWER_IS_BETTER = {"loss", "mse", "mae"}  # as harness.objectives: kept here so the launcher needs no torch
+from harness.config import LOWER_IS_BETTER
 
 
 def sweep_lines(path: Path) -> list[list[str]]:

@@ -16,6 +16,8 @@ import yaml
 
 from tests import ranks
 
+os.environ.update(ranks.BASE_ENV)  # offline, before any test imports transformers or datasets: bare `pytest` too
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "harness" / "train.py"
 PRETRAIN = ROOT / "harness" / "pretrain.py"

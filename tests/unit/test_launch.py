@@ -330,7 +330,8 @@ def test_parse_args_splits_at_the_double_dash():
     assert entry == ["--config", "c.yaml", "--nodes=x"]
 
 
-@pytest.mark.parametrize("argv", [["cpu", "2"], ["zero4", "--"], ["cpu", "0", "--"], ["cpu", "--nodes", "0", "--"]])
+@pytest.mark.parametrize("argv", [["cpu", "2"], ["zero4", "--"], ["cpu", "0", "--"], ["cpu", "--nodes", "0", "--"],
+                                  ["cpu", "2", "--max-restarts", "-1", "--"]])  # fmt: skip
 def test_parse_args_rejects_bad_command_lines(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         parse_args(argv)
