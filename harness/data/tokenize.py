@@ -214,18 +214,23 @@ def tokenize_split(
     every token without special tokens (the bodies that `windowed` cuts into windows)."""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"{tokenizer.name_or_path}: a fast (Rust) tokenizer is required")
+    if with_word_ids and (full or split.pairs is not None):
+        raise ValueError("tokenize_split: word ids are for single texts cut to max_length (masked-LM corpora)")
     encoder = TextEncoder.of(tokenizer, cfg, token_types=token_types and split.pairs is not None)
 
     def encode(batch: dict) -> dict:
-        if full:
-            ids, types = encoder.bodies(batch["text"]), None
+        types = None
+        if with_word_ids:  # single texts (masked-LM corpora): one tokenizer call gives the ids and the word ids
+            encoded = tokenizer(batch["text"], add_special_tokens=False, truncation=False, verbose=False)
+            ids = [encoder.wrap(encoder.cut(body, encoder.budget)) for body in encoded["input_ids"]]
+        elif full:
+            ids = encoder.bodies(batch["text"])
         else:
             ids, types = encoder.encode(batch["text"], batch.get("pair"))
         columns = {"input_ids": ids, "label": batch["label"], "length": [len(row) for row in ids]}
         if types is not None:
             columns["token_type_ids"] = types
         if with_word_ids:
-            encoded = tokenizer(batch["text"], add_special_tokens=False, truncation=False, verbose=False)
             no_words = [NO_WORD] * len(encoder.prefix), [NO_WORD] * len(encoder.suffix)
             columns["word_ids"] = [
                 no_words[0] + encoder.cut([NO_WORD if w is None else w for w in encoded.word_ids(i)], encoder.budget)

@@ -62,13 +62,17 @@ def test_aclimdb_unsup_folder_is_read(tmp_path):
     assert len(texts) == 16 and sum("unsup" in t for t in texts) == 6 and not any(t.startswith("test") for t in texts)
 
 
-def test_word_ids_follow_truncation_and_mark_special_tokens(split, tiny):
+def test_word_ids_follow_truncation_and_mark_special_tokens(split, tiny, tmp_path):
     tokenizer, _ = tiny
     for ids, words in zip(split.input_ids, split.word_ids, strict=True):
         assert len(ids) == len(words) <= 48
         assert words[0] == NO_WORD and words[-1] == NO_WORD  # [CLS] ... [SEP]
         assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
         assert np.all(np.diff(words[1:-1]) >= 0)  # words in order, pieces of one word adjacent
+    # The ids are the classifier's for the same texts (one tokenizer call gives them with the word ids).
+    texts = LabelledTexts(_texts(200, 0), [-1] * 200, "test")
+    plain = tokenize_split(texts, tokenizer, DataConfig(max_length=48, cache_dir=str(tmp_path)))
+    assert all(np.array_equal(a, b) for a, b in zip(plain.input_ids, split.input_ids, strict=True))
 
 
 def test_masking_is_deterministic_whole_word_and_near_the_rate(split, tiny):
