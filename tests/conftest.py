@@ -96,10 +96,9 @@ def run_accelerate(
     check: bool = True,
 ) -> subprocess.CompletedProcess:
     """Run an entry point (harness/train.py by default) under `accelerate launch <launch_args>` from the repo root."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "--main_process_port", str(free_port()),
            str(entry), "--config", str(config), *overrides]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc

@@ -4,7 +4,6 @@ stdin; JSON lines; input order; the same answers as transformers' pipeline; exit
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,10 +55,9 @@ def predict_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedPro
     forked from the test session's forkserver (its stdin is empty)."""
     if stdin is None:
         return ranks.run("predict", list(args), check=False, timeout=120)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run(
         [sys.executable, "-m", "harness.predict", *args],
-        cwd=ROOT, env=env, input=stdin, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, input=stdin, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -24,10 +23,8 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def report_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "harness.report", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
+    return subprocess.run([sys.executable, "-m", "harness.report", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
 
 
 def test_report_of_a_trained_run(run_dir):

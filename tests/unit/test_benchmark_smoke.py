@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -17,7 +16,6 @@ from tests.conftest import IMDB_DIR, ROOT
 
 BENCH = ROOT / "benchmarks" / "vs_trainer.py"
 SIDES = ("harness", "trainer-best", "trainer-default")
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def table_rows(stdout: str) -> dict[str, list[str]]:
@@ -39,7 +37,7 @@ def test_smoke_mode_runs_all_three_sides_on_identical_work(tmp_path):
     out = tmp_path / "report.md"
     proc = subprocess.run(
         [sys.executable, str(BENCH), "--smoke", "--precision", "bf16", "--out", str(out)],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=170,
+        cwd=ROOT, capture_output=True, text=True, timeout=170,
     )  # fmt: skip
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
@@ -74,7 +72,7 @@ def test_cuda_mode_fails_clearly_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the CUDA mode would run for real")
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--device", "cuda"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+        [sys.executable, str(BENCH), "--device", "cuda"], cwd=ROOT, capture_output=True, text=True,
         timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2
@@ -97,7 +95,7 @@ def test_cuda_workloads_are_bert_base_throughput_and_minilm_time_to_accuracy():
 def test_tokenization_benchmark_runs_on_a_slice_of_imdb():
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "tokenize_imdb.py"), "--limit", "200", "--data", str(IMDB_DIR)],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = (line.strip().strip("|") for line in proc.stdout.splitlines() if line.startswith("| "))
@@ -123,7 +121,7 @@ def test_cpu_step_benchmark_prints_both_variants_under_both_allocator_settings()
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "cpu_step.py"), "--steps", "1", "--length", "16", "--batch", "2",
          "--threads", "1"],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines() if "| glibc" in line
@@ -146,7 +144,7 @@ def test_gpu_check_smoke_passes_on_cpu(tmp_path):
     proc = subprocess.run(
         # vs-trainer is vs_trainer.py's smoke, which test_smoke_mode_runs_all_three_sides_on_identical_work runs already.
         [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--skip", "vs-trainer", "--out", str(out)],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, f"{proc.stdout[-5000:]}\n{proc.stderr[-3000:]}"
     report = json.loads(out.read_text())
