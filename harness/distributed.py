@@ -129,13 +129,20 @@ def build_deepspeed_plugin(cfg: ExperimentConfig, world_size: int, precision: st
     return DeepSpeedPlugin(hf_ds_config=filled, zero3_init_flag=False)
 
 
+def usable_cores() -> int:
+    """The cores this process may use: its CPU affinity, and within a SLURM job no more than the job's CPUs on
+    this node (a cluster without task affinity, TaskPlugin=task/none, leaves every process the whole node)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    allocated = os.environ.get("SLURM_CPUS_ON_NODE", "").strip()
+    return min(cores, int(allocated)) if allocated.isdigit() and int(allocated) > 0 else cores
+
+
 def set_cpu_threads(requested: int) -> int:
     """Threads for CPU math. `accelerate launch` exports OMP_NUM_THREADS=1 even for a single process, and
     torchrun does for every process, which leaves cores idle; 0 means: the cores this process may use divided
     by the processes on this node."""
     if requested == 0:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        requested = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        requested = max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(requested)
     return requested
 

@@ -1,7 +1,9 @@
-"""GPU-path decisions that a CPU can check: precision auto, TF32, FSDP on CPU, DeepSpeed's bf16 reduction dtype and
-offload threads and ninja, the launcher's --max-restarts."""
+"""GPU-path and cluster decisions that a CPU can check: precision auto, TF32, FSDP on CPU, DeepSpeed's bf16
+reduction dtype and offload threads and ninja, the launcher's --max-restarts, CPU threads within a SLURM job."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -89,3 +91,15 @@ def test_deepspeed_builds_its_ops_with_this_pythons_ninja(monkeypatch, tmp_path)
     path = distributed.os.environ["PATH"]
     distributed.use_this_pythons_ninja()  # already first: PATH stays as it is
     assert distributed.os.environ["PATH"] == path
+
+
+def test_cpu_threads_stay_within_the_slurm_allocation(monkeypatch):
+    """Without task affinity (TaskPlugin=task/none) every process of a job sees the whole node; the threads
+    follow the job's CPUs on this node instead, divided among the node's processes."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.delenv("SLURM_CPUS_ON_NODE", raising=False)
+    assert distributed.usable_cores() == 64
+    monkeypatch.setenv("SLURM_CPUS_ON_NODE", "8")
+    assert distributed.usable_cores() == 8
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # affinity narrower than the allocation
+    assert distributed.usable_cores() == 2
