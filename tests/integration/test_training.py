@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.conftest import read_metrics, read_results, run_harness, tiny_config
+from tests.conftest import read_metrics, read_results, run_harness, start_harness, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -66,8 +66,10 @@ def test_compiled_model_trains_like_the_eager_one_with_few_graphs(tmp_path):
                                           "classifier_dropout": 0.0},
                          data={"synthetic_train_size": 1600}, train={"max_steps": 60, "batch_size": 32},
                          logging={"every_steps": 15, "progress": "plain"})  # fmt: skip
-    run_harness(config, f"output_dir={tmp_path / 'eager'}")
+    # Side by side: the eager run uses the core that inductor's compilation leaves idle.
+    eager_run = start_harness(config, f"output_dir={tmp_path / 'eager'}")
     proc = run_harness(config, f"output_dir={tmp_path / 'compiled'}", "train.compile=true", timeout=900)
+    assert eager_run.wait().returncode == 0, eager_run.stderr()[-3000:]
     eager, compiled = read_results(tmp_path / "eager"), read_results(tmp_path / "compiled")
     # 60 length-bucketed steps and 2 evaluations have dozens of distinct (batch, length) shapes; dynamic
     # shapes keep the graphs to a handful (train forward/backward, eval forward, a few guard recompiles).
