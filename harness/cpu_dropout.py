@@ -224,8 +224,12 @@ def use_fast_cpu_dropout(model: nn.Module) -> dict:
 
 
 def _outermost(model: nn.Module, sub: nn.Module) -> nn.Module:
-    """The outermost transformers model that shares `sub`'s config (a classifier and its base model share one)."""
+    """The outermost transformers model that shares `sub`'s config (a classifier and its base model share one).
+    A module that only holds the config (the multimodal fusion model keeps its text encoder's) is not a
+    transformers model: it cannot set the attention, and the encoder inside it must."""
     for candidate in model.modules():
-        if getattr(candidate, "config", None) is getattr(sub, "config", None):
+        if getattr(candidate, "config", None) is getattr(sub, "config", None) and hasattr(
+            candidate, "set_attn_implementation"
+        ):
             return candidate
     return sub
