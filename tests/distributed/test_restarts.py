@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, free_port, read_results, run_harness, tiny_config
+from tests.conftest import ROOT, free_port, read_results, start_harness, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +22,8 @@ def test_a_crashed_rank_is_restarted_and_the_job_ends_as_if_uninterrupted(tmp_pa
                          train={"epochs": 1, "batch_size": 8}, checkpoint={"every_steps": 9},
                          logging={"every_steps": 1, "progress": "plain"})  # fmt: skip
     reference, restarted = tmp_path / "reference", tmp_path / "restarted"
-    run_harness(config, f"output_dir={reference}", nproc=2)
-
+    # The uninterrupted reference runs (forked) while the launched job starts.
+    reference_run = start_harness(config, f"output_dir={reference}", nproc=2)
     launcher = subprocess.Popen(
         [sys.executable, "-m", "launch", "cpu", "2", "--max-restarts", "1", "--port", str(free_port()), "--",
          "--config", str(config), f"output_dir={restarted}"],
@@ -41,6 +41,7 @@ def test_a_crashed_rank_is_restarted_and_the_job_ends_as_if_uninterrupted(tmp_pa
     assert launcher.returncode == 0, output[-5000:]
     assert "local_rank: 1" in output, output[-5000:]  # the launcher names the rank that died
     assert "resuming from" in output
+    assert reference_run.wait().returncode == 0, reference_run.stderr()[-3000:]
 
     results = read_results(restarted)
     assert (
