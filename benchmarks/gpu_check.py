@@ -18,7 +18,8 @@ The checks, one row each (benchmarks/README.md says what each measures and when 
 
 The parent orchestrates. The work runs in processes forked from one forkserver that imported torch,
 transformers, accelerate and the harness once (each is still its own process: CUDA context, RNG, exit code,
-SIGKILL), except the ZeRO runs and the Trainer comparison, whose launchers are part of what is checked. Timed
+SIGKILL), except the ZeRO runs and the Trainer comparison, whose launchers are part of what is checked (under
+--smoke the ZeRO runs are forked too, with the environment their launcher would give them). Timed
 checks run one at a time, first; the others then run side by side, since timing is not what they check.
 Under --smoke (builtin:tiny-bert, synthetic text, CPU) everything runs side by side and fp16 is n/a.
 """
@@ -32,6 +33,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -285,6 +287,17 @@ def train_entry(argv: list[str], deterministic: bool = False) -> dict:
     return {"exit_code": code, "peak_memory_mib": peak_memory_mib("cuda" if torch.cuda.is_available() else "cpu")}
 
 
+def launched_train_entry(accelerate_args: list[str], port: int, argv: list[str]) -> dict:
+    """train_entry in the environment `accelerate launch <accelerate_args> --num_processes 1` gives its one
+    process: Accelerate's DeepSpeed variables (from its own launcher code) and torchrun's for a world of one."""
+    from harness.distributed import accelerate_deepspeed_env
+
+    os.environ.update(accelerate_deepspeed_env(accelerate_args, num_processes=1))
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", GROUP_RANK="0",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    return train_entry(argv)
+
+
 def count_syncs(config: str, overrides: list[str]) -> dict:
     """Train (harness.loop setup / train) with CUDA's sync debug mode on, and attribute each "synchronizing CUDA
     operation" warning to its step: harness.loop.train ends every step with one `log.advance` call (with the
@@ -401,9 +414,13 @@ def read_results(out: Path) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
-def train_rows(out: Path) -> list[dict]:
+def metric_rows(out: Path, event: str) -> list[dict]:
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [row for row in map(json.loads, lines) if row["event"] == "train"]
+    return [row for row in map(json.loads, lines) if row["event"] == event]
+
+
+def train_rows(out: Path) -> list[dict]:
+    return metric_rows(out, "train")
 
 
 def max_weight_difference(a: Path, b: Path) -> float:
@@ -538,9 +555,7 @@ def check_zero(plan: Plan, forks: Forks) -> list[Row]:
                        f"train.batch_size={half}")  # fmt: skip
     reference = plan.workdir / "zero-reference"
     plain = forks.start("zero-reference", train_entry, argv=plan.argv(reference, *short))
-    launched = {stage: Launched(f"zero{stage}", [sys.executable, "-m", "launch", f"zero{stage}", "1", "--",
-                                                 *plan.argv(plan.workdir / f"zero{stage}", *short)],
-                                plan.workdir / f"zero{stage}.log", launcher_env())
+    launched = {stage: start_zero(plan, forks, stage, plan.argv(plan.workdir / f"zero{stage}", *short))
                 for stage in (2, 3)}  # fmt: skip
     plain.finish(plan.timeout)
     exits = {stage: job.wait(plan.timeout) for stage, job in launched.items()}
@@ -559,6 +574,22 @@ def check_zero(plan: Plan, forks: Forks) -> list[Row]:
     return rows
 
 
+def start_zero(plan: Plan, forks: Forks, stage: int, argv: list[str]) -> Job:
+    """A ZeRO run of one process: through the project's launcher (`python -m launch zeroN 1`: accelerate launch
+    with configs/accelerate/zeroN.yaml) on a GPU; under --smoke forked, in the environment that launch gives its
+    process (the CPU's launcher path is tested for real in tests/distributed/test_launch_cpu.py), which spares
+    the smoke two interpreters' imports."""
+    name = f"zero{stage}"
+    if not plan.smoke:
+        argv = [sys.executable, "-m", "launch", name, "1", "--", *argv]
+        return Launched(name, argv, plan.workdir / f"{name}.log", launcher_env())
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    accelerate_args = ["--config_file", f"configs/accelerate/{name}.yaml"]
+    return forks.start(name, launched_train_entry, accelerate_args=accelerate_args, port=port, argv=argv)
+
+
 def zero_row(plan: Plan, name: str, reference: Path, export: dict) -> Row:
     """A ZeRO run against the plain one: per-step losses, and its export as transformers loads it."""
     out = plan.workdir / name
@@ -567,10 +598,14 @@ def zero_row(plan: Plan, name: str, reference: Path, export: dict) -> Row:
         raise CheckError(f"logged steps {list(losses)}, the plain run {list(plain)}")
     loss_diff = max(abs(losses[s] - plain[s]) / abs(plain[s]) for s in losses)
     rtol = ZERO_LOSS_RTOL[plan.precision]
-    figures = {"world size": read_results(out)["world_size"], "steps": len(losses), "max loss rel. diff": loss_diff,
-               "allowed": rtol, "export loads": True, "max weight diff": export["weights"],
-               "max logit diff": export["logits"], "tensor names unlike plain": export["other_names"][:4]}  # fmt: skip
+    stage = metric_rows(out, "setup")[0]["zero_stage"]  # a run that fell back to plain DDP would match trivially
+    figures = {"ZeRO stage": stage, "world size": read_results(out)["world_size"], "steps": len(losses),
+               "max loss rel. diff": loss_diff, "allowed": rtol, "export loads": True,
+               "max weight diff": export["weights"], "max logit diff": export["logits"],
+               "tensor names unlike plain": export["other_names"][:4]}  # fmt: skip
     # Tensor names are shown, not judged: transformers loads legacy names (LayerNorm.gamma) as today's.
+    if f"zero{stage}" != name:
+        return Row.judged(name, False, figures, f"the run trained under ZeRO stage {stage}")
     return Row.judged(name, loss_diff <= rtol, figures, f"losses differ from the plain run's by up to {loss_diff:.3g}")
 
 

@@ -38,6 +38,28 @@ def deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
+def accelerate_deepspeed_env(launch_args: list[str], num_processes: int) -> dict[str, str]:
+    """What `accelerate launch <launch_args> --num_processes N` exports to its workers for a DeepSpeed launch (an
+    accelerate config file or the --use_deepspeed flags), computed by Accelerate's own launcher code: the
+    ACCELERATE_* variables, not those torchrun adds per rank. For processes started another way that must run
+    as if launched (the test suite's and gpu_check --smoke's forked runs)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    parsed = launch_command_parser().parse_args([*launch_args, "--num_processes", str(num_processes), "script.py"])
+    args, defaults, mixed_precision_from_config = _validate_launch_command(parsed)
+    if not args.use_deepspeed:
+        raise ValueError(f"accelerate launch {' '.join(launch_args)}: not a DeepSpeed launch")
+    # What accelerate's launch_command sets before its deepspeed_launcher.
+    fields = [
+        *(defaults.deepspeed_config if defaults else {}),
+        *(["mixed_precision"] if mixed_precision_from_config else []),
+    ]
+    args.deepspeed_fields_from_accelerate_config = ",".join(fields)
+    _, env = prepare_deepspeed_cmd_env(args)
+    return {key: value for key, value in env.items() if key.startswith("ACCELERATE_")}
+
+
 def _get(config: dict, dotted: str) -> Any:
     node: Any = config
     for part in dotted.split("."):

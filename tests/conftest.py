@@ -18,6 +18,14 @@ from tests import ranks
 
 os.environ.update(ranks.BASE_ENV)  # offline, before any test imports transformers or datasets: bare `pytest` too
 
+
+def pytest_collection(session: pytest.Session) -> None:
+    """Before collecting (which imports torch and transformers here): the forkserver imports them too, at once,
+    on the other core."""
+    if not session.config.option.collectonly:
+        ranks.warm()
+
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "harness" / "train.py"
 PRETRAIN = ROOT / "harness" / "pretrain.py"
@@ -79,12 +87,12 @@ def start_harness(config: Path, *overrides: str, nproc: int = 1, entry: Path = T
 
 def deepspeed_env(stage: int, config_file: Path | None = None) -> dict[str, str]:
     """What `accelerate launch --use_deepspeed --zero_stage N [--deepspeed_config_file F]` exports to its
-    processes (read off accelerate 1.15's launcher); tests/distributed/test_launch_cpu.py runs the real one."""
-    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_CONFIG_DS_FIELDS": "",
-           "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(stage)}  # fmt: skip
-    if config_file is not None:
-        env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(config_file)
-    return env
+    processes, from Accelerate's own launcher code; tests/distributed/test_launch_cpu.py runs the real one."""
+    from harness.distributed import accelerate_deepspeed_env  # here: conftest's import must not wait for torch's
+
+    flags = ["--use_deepspeed", "--zero_stage", str(stage), "--num_machines", "1", "--mixed_precision", "no",
+             "--dynamo_backend", "no", *(["--deepspeed_config_file", str(config_file)] if config_file else [])]  # fmt: skip
+    return accelerate_deepspeed_env(flags, num_processes=2)
 
 
 def run_accelerate(

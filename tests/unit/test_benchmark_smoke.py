@@ -167,6 +167,7 @@ def test_gpu_check_smoke_passes_on_cpu(tmp_path):
     for stage in ("zero2", "zero3"):
         zero = rows[stage]["figures"]
         assert zero["world size"] == 1 and zero["steps"] == 8 and zero["max loss rel. diff"] <= zero["allowed"]
+        assert zero["ZeRO stage"] == int(stage[-1])  # under DeepSpeed, not a plain run that matches trivially
     overflow = rows["fp16-overflow"]["figures"]
     assert overflow["skipped at"] == [3, 4] == overflow["injected at"] and overflow["steps"] == 8
     # The sync counting ran its plumbing: one count per step, none on a CPU.

@@ -103,3 +103,12 @@ def test_cpu_threads_stay_within_the_slurm_allocation(monkeypatch):
     assert distributed.usable_cores() == 8
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # affinity narrower than the allocation
     assert distributed.usable_cores() == 2
+
+
+def test_the_forked_runs_deepspeed_environment_is_accelerate_launchs():
+    env = distributed.accelerate_deepspeed_env(["--config_file", "configs/accelerate/zero3.yaml"], num_processes=1)
+    assert env["ACCELERATE_USE_DEEPSPEED"] == "true" and env["ACCELERATE_DEEPSPEED_ZERO3_INIT"] == "false"
+    assert env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] == "configs/deepspeed/zero3.json"
+    assert all(key.startswith("ACCELERATE_") for key in env)
+    with pytest.raises(ValueError, match="not a DeepSpeed launch"):
+        distributed.accelerate_deepspeed_env(["--config_file", "configs/accelerate/cpu_gloo.yaml"], num_processes=2)
