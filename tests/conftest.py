@@ -19,13 +19,6 @@ from tests import ranks
 os.environ.update(ranks.BASE_ENV)  # offline, before any test imports transformers or datasets: bare `pytest` too
 
 
-def pytest_collection(session: pytest.Session) -> None:
-    """Before collecting (which imports torch and transformers here): the forkserver imports them too, at once,
-    on the other core."""
-    if not session.config.option.collectonly:
-        ranks.warm()
-
-
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "harness" / "train.py"
 PRETRAIN = ROOT / "harness" / "pretrain.py"

@@ -45,15 +45,6 @@ def context() -> multiprocessing.context.ForkServerContext:
     return _context
 
 
-def warm() -> None:
-    """Start the forkserver now: its imports (several seconds) run beside the test collection's instead of
-    holding up the first run; that run then waits for whatever is left."""
-    from multiprocessing import forkserver
-
-    context()
-    forkserver.ensure_running()
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
