@@ -69,6 +69,9 @@ def test_preempted_job_checkpoints_requeues_resumes_and_matches_an_uninterrupted
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log[-3000:])
     assert log.count("torchrun --nproc_per_node 2") == 2, log[-3000:]  # both attempts: 2 gloo processes
     assert "run status preempted" in log and "requeueing job" in log and "restart 1" in log
+    # The requeue's TERM ends the script at once: no trap left to call scancel on a job SLURM is requeueing
+    # (which it refuses until KillWait, 30 s, kills the script).
+    assert "received TERM" not in log, log[-3000:]
     assert log.rstrip().endswith("run status completed"), log[-3000:]
     preempted = [r for r in read_metrics(tmp_path / "run") if r["event"] == "preempted"]
     assert preempted and preempted[0]["signal"] == "SIGUSR1"
