@@ -42,12 +42,18 @@ def accelerate_deepspeed_env(launch_args: list[str], num_processes: int) -> dict
     """What `accelerate launch <launch_args> --num_processes N` exports to its workers for a DeepSpeed launch (an
     accelerate config file or the --use_deepspeed flags), computed by Accelerate's own launcher code: the
     ACCELERATE_* variables, not those torchrun adds per rank. For processes started another way that must run
-    as if launched (the test suite's and gpu_check --smoke's forked runs)."""
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    as if launched (the test suite's and gpu_check --smoke's forked runs). Unlike `accelerate launch`, a user's
+    default config (`accelerate config`) is not read: what these processes run must not depend on the machine's
+    user."""
+    from accelerate.commands import launch
     from accelerate.utils.launch import prepare_deepspeed_cmd_env
 
-    parsed = launch_command_parser().parse_args([*launch_args, "--num_processes", str(num_processes), "script.py"])
-    args, defaults, mixed_precision_from_config = _validate_launch_command(parsed)
+    parsed = launch.launch_command_parser().parse_args([*launch_args, "--num_processes", str(num_processes), "x.py"])
+    user_default, launch.default_config_file = launch.default_config_file, os.devnull + ".absent"
+    try:
+        args, defaults, mixed_precision_from_config = launch._validate_launch_command(parsed)
+    finally:
+        launch.default_config_file = user_default
     if not args.use_deepspeed:
         raise ValueError(f"accelerate launch {' '.join(launch_args)}: not a DeepSpeed launch")
     # What accelerate's launch_command sets before its deepspeed_launcher.

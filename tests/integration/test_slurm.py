@@ -48,6 +48,9 @@ def test_pretrain_job_runs_to_completion(slurm_cluster, tmp_path):
 def test_preempted_job_checkpoints_requeues_resumes_and_matches_an_uninterrupted_job(slurm_cluster, tmp_path):
     config = tiny_config(
         tmp_path,
+        # One thread per rank, as the 2-CPU job gives each of its 2 ranks: the forked reference gets the same
+        # float summation order whatever the machine's cores.
+        runtime={"cpu_threads": 1},
         data={"synthetic_train_size": 800},  # 2 epochs of 47 steps: the signal comes at about step 12
         train={"epochs": 2, "batch_size": 8},
         checkpoint={"every_steps": 10},

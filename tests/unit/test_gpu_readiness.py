@@ -112,3 +112,18 @@ def test_the_forked_runs_deepspeed_environment_is_accelerate_launchs():
     assert all(key.startswith("ACCELERATE_") for key in env)
     with pytest.raises(ValueError, match="not a DeepSpeed launch"):
         distributed.accelerate_deepspeed_env(["--config_file", "configs/accelerate/cpu_gloo.yaml"], num_processes=2)
+
+
+def test_a_users_default_accelerate_config_does_not_reach_the_forked_runs(monkeypatch, tmp_path):
+    from accelerate.commands import launch
+    from accelerate.commands.config import config_args
+
+    default = tmp_path / "default_config.yaml"  # what `accelerate config` would have saved for this user
+    default.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\nmixed_precision: bf16\n"
+                       "deepspeed_config:\n  zero_stage: 3\n  gradient_accumulation_steps: 4\n")  # fmt: skip
+    monkeypatch.setattr(launch, "default_config_file", str(default))
+    monkeypatch.setattr(config_args, "default_config_file", str(default))
+    env = distributed.accelerate_deepspeed_env(["--use_deepspeed", "--zero_stage", "2", "--mixed_precision", "no"], 2)
+    assert env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "2" and env["ACCELERATE_MIXED_PRECISION"] == "no"
+    assert "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" not in env and env["ACCELERATE_CONFIG_DS_FIELDS"] == ""
+    assert launch.default_config_file == str(default)  # put back
