@@ -109,6 +109,7 @@ def export_model(
             # it loaded (ZeRO-3's loading path keeps them: LayerNorm gamma/beta), unlike every other export.
             save_original_format=False,
         )
+        record_weights_dtype(tmp, state)
         tokenizer.save_pretrained(tmp)
         if serving is not None:
             serving.write(tmp)
@@ -119,6 +120,31 @@ def export_model(
         tmp.rename(path)
         shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def record_weights_dtype(folder: Path, state: dict[str, torch.Tensor]) -> None:
+    """Make config.json's `dtype` that of the weights written beside it.
+
+    `save_pretrained` records the module's parameter dtype, which under DeepSpeed bf16 / fp16 is the half-precision
+    working copy while the export holds the fp32 masters (or checkpoint.export_dtype's cast); transformers
+    (dtype "auto" in pipelines) would load the export in the wrong precision."""
+    floats = {t.dtype for t in state.values() if t.is_floating_point()}
+    path = folder / "config.json"
+    if len(floats) != 1 or not path.is_file():
+        return
+    dtype = str(floats.pop()).removeprefix("torch.")
+    config = json.loads(path.read_text())
+
+    def retag(node: dict) -> None:
+        for key, value in node.items():
+            if key in ("dtype", "torch_dtype") and isinstance(value, str):
+                node[key] = dtype
+            elif isinstance(value, dict):
+                retag(value)  # sub-configs carry their own
+
+    retag(config)
+    config["dtype"] = dtype
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -152,9 +152,25 @@ def build_deepspeed_plugin(cfg: ExperimentConfig, world_size: int, precision: st
         raw, source = copy.deepcopy(DeepSpeedPlugin().deepspeed_config), FLAGS_SOURCE
         raw.pop("steps_per_print", None)
     filled = fill_deepspeed_config(raw, cfg, world_size, source, precision)
-    # zero3_init_flag off: models here fit one device, and ZeRO-3 partitions them at engine creation; with
-    # it on, transformers would build them inside zero.Init, outside the harness's seeded initialisation.
+    # zero3_init_flag off: models here fit one device, and ZeRO-3 partitions them at engine creation
+    # (transformers is told so once the Accelerator exists: load_models_whole).
     return DeepSpeedPlugin(hf_ds_config=filled, zero3_init_flag=False)
+
+
+def load_models_whole() -> None:
+    """Make transformers build and load models whole on every rank under ZeRO-3, as the plugin's
+    zero3_init_flag=False says.
+
+    Accelerate registers its DeepSpeed config with transformers (`HfDeepSpeedConfig`) whatever that flag is, and
+    transformers then loads every `from_pretrained` checkpoint inside `deepspeed.zero.Init`: each parameter is
+    partitioned as it is created, an empty placeholder on every rank before `prepare`. Everything that reads the
+    model before the engine exists would see empty tensors: the optimizer groups (no matrix would get weight
+    decay), the FLOP count (MFU near 0), a regression head's standardisation, and the new head's seeded
+    initialisation (drawn per partition, so it would differ with the world size). The engine partitions the
+    whole model at `prepare` instead; encoders fit one device's memory whole."""
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
 
 
 def usable_cores() -> int:
@@ -343,6 +359,8 @@ def build_accelerator(cfg: ExperimentConfig) -> tuple[Accelerator, RunPlace]:
             f"the launcher started {launched_world_size()} processes but Accelerate formed a world of "
             f"{accelerator.num_processes}; check the launch command"
         )
+    if "deepspeed_plugin" in kwargs:
+        load_models_whole()
     set_seed(cfg.seed)
     return accelerator, RunPlace.of(accelerator, cfg, precision)
 
@@ -465,14 +483,28 @@ def memory_report(model: torch.nn.Module, optimizer, stage: int) -> dict[str, in
                 "fp32_master": 0}  # fmt: skip
     base = inner.optimizer  # DeepSpeed's ZeRO optimizer wraps the torch optimizer, whose state is per partition
     moments = [v for state in base.state.values() for k, v in state.items() if k != "step"]
-    partitions = getattr(inner, "single_partition_of_fp32_groups", None) or inner.fp32_partitioned_groups_flat
-    master_bytes = _tensor_bytes(partitions)
+    master_bytes = _tensor_bytes(
+        next(getattr(inner, name) for name in DEEPSPEED_FP32_PARTITIONS if hasattr(inner, name))
+    )
+    if hasattr(inner, "fp32_groups_gradients_flat"):  # BF16_Optimizer (ZeRO-1 in bf16): full fp32 gradients
+        gradient_bytes = _tensor_bytes(inner.fp32_groups_gradients_flat)
+    else:
+        gradient_bytes = full_grad_bytes if stage == 1 else master_bytes
     return {
         "parameters": param_bytes,
-        "gradients": full_grad_bytes if stage == 1 else master_bytes,
+        "gradients": gradient_bytes,
         "optimizer_state": _tensor_bytes(moments),
         "fp32_master": master_bytes,
     }
+
+
+DEEPSPEED_FP32_PARTITIONS = (
+    "single_partition_of_fp32_groups",
+    "fp32_partitioned_groups_flat",
+    "fp32_groups_flat_partition",
+)
+"""Where each DeepSpeed optimizer keeps this rank's fp32 master partitions: ZeRO-1/2, ZeRO-3, and BF16_Optimizer
+(what DeepSpeed uses for ZeRO-1 in bf16 with fp32 gradient accumulation, as the harness asks)."""
 
 
 EXIT_REQUEUE = 75

@@ -51,6 +51,7 @@ from harness.model import (
     compile_model,
     compiled_graph_count,
     describe_learning_rates,
+    describe_weight_decay,
     max_positions,
     parameter_groups,
 )
@@ -158,6 +159,10 @@ def setup(cfg: ExperimentConfig, task: Task) -> Run:
                  f"{swapped['attention_models']} attention implementation(s) swapped{kept}")  # fmt: skip
     flop_counter = flop_counter_for(model)  # before prepare: ZeRO-3 partitions the parameters
     groups = parameter_groups(model, cfg.train.weight_decay, cfg.train.lr, cfg.train.layer_lr_decay)
+    # Described now: the optimizer and its schedule change the groups' "lr" in place (DeepSpeed keeps our dicts).
+    group_rows = [{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"], "params": g["param_names"]}
+                  for g in groups]  # fmt: skip
+    optimizer_text = f"learning rates: {describe_learning_rates(groups)}; {describe_weight_decay(groups)}"
     attention = attention_in_use(model)
     optimizer = build_optimizer(groups, cfg.train, place.device)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -179,10 +184,17 @@ def setup(cfg: ExperimentConfig, task: Task) -> Run:
              f"of {layout.examples_per_step} examples; {total_steps} steps")  # fmt: skip
     log.record("setup", total_steps=total_steps, steps_per_epoch=per_epoch,
                resumed_from_step=state.step if resume else None, **place.record())  # fmt: skip
-    log.info(f"attention: {attention}; learning rates: {describe_learning_rates(groups)}")
-    log.record("optimizer", layer_lr_decay=cfg.train.layer_lr_decay, attention=attention, groups=[
-        {"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"], "params": g["param_names"]} for g in groups
-    ])  # fmt: skip
+    log.info(f"attention: {attention}; {optimizer_text}")
+    log.record("optimizer", layer_lr_decay=cfg.train.layer_lr_decay, attention=attention, groups=group_rows)
+    if flop_counter is not None:
+        per_token, per_sample = (
+            flop_counter.per_token(train_split.lengths),
+            flop_counter.per_sample(train_split.lengths),
+        )
+        log.info(f"MFU counts {per_token:.3g} training FLOPs per token, {per_sample:.3g} per sample "
+                 f"(the training split's mean length, {train_split.lengths.mean():.0f} tokens)")  # fmt: skip
+        log.record("flops", per_token=per_token, per_sample=per_sample, dense_weights=flop_counter.dense,
+                   head_weights=flop_counter.head)  # fmt: skip
     meter = ThroughputMeter(flop_counter, peak, peak_source)
     validator = Validator(cfg, task, ctx, checkpoints, log, meter)
     return Run(cfg, task, ctx, accelerator, place, log, out, model, optimizer, scheduler, state, planner,

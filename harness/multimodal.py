@@ -37,6 +37,8 @@ from harness.config import ExperimentConfig
 from harness.model import FUSION_FILE, ModelError, load_model
 
 WEIGHTS_FILE = "model.safetensors"
+FUSION_MODEL_TYPE = "harness-multimodal-fusion"
+"""config.json's model_type in a fusion export: a type transformers does not know, so it refuses the folder."""
 
 
 @dataclass
@@ -133,13 +135,25 @@ class FusionClassifier(nn.Module):
         return SequenceClassifierOutput(logits=self.head(torch.cat(vectors, dim=-1)))  # [batch, labels]
 
     def save_pretrained(self, path, state_dict: dict[str, torch.Tensor], safe_serialization: bool = True, **_) -> None:
-        """The export: weights, fusion.json, and the text encoder's config (so reloading needs no download)."""
+        """The export: weights, fusion.json, and a config.json that holds the text encoder's config (so reloading
+        needs no download) under a model type transformers does not know: `pipeline` and `AutoModel*` refuse the
+        folder, naming that type, instead of loading a text classifier with random weights in place of ours."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path / WEIGHTS_FILE))
         (path / FUSION_FILE).write_text(json.dumps(self.spec, indent=2) + "\n")
-        if self.config is not None:
-            self.config.save_pretrained(path)
+        labels = self.spec["labels"]
+        config = {
+            "model_type": FUSION_MODEL_TYPE,
+            "architectures": [type(self).__name__],
+            "id2label": {str(i): name for i, name in enumerate(labels)},
+            "label2id": {name: i for i, name in enumerate(labels)},
+            "modalities": list(self.encoders),
+            "note": "a multimodal classifier of the harness (harness.multimodal.load_fusion_classifier loads it); "
+            "transformers cannot, as it needs inputs besides text",
+            "text_config": self.config.to_dict() if self.config is not None else None,
+        }
+        (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def fusion_export(name_or_path: str) -> Path | None:
@@ -169,14 +183,22 @@ def build_fusion_classifier(cfg: ExperimentConfig, seed: int) -> FusionClassifie
                 f"model.name_or_path {export}: exported with {section}.{key}={saved[section][key]}, "
                 f"this run has {getattr(getattr(cfg, section), key)}"
             )
-    text_config = None
-    if "text" in cfg.model.modalities:
-        from transformers import AutoConfig
-
-        text_config = AutoConfig.from_pretrained(export)
+    text_config = text_config_of(export) if "text" in cfg.model.modalities else None
     model = _build(cfg, seed, text_config)
     model.load_state_dict(load_file(str(export / WEIGHTS_FILE)))
     return model
+
+
+def text_config_of(export: Path):
+    """The text encoder's config saved in a fusion export's config.json (exports before FUSION_MODEL_TYPE were
+    the text encoder's config.json itself)."""
+    from transformers import AutoConfig
+
+    saved = json.loads((export / "config.json").read_text())
+    if saved.get("model_type") != FUSION_MODEL_TYPE:
+        return AutoConfig.from_pretrained(export)
+    text = dict(saved["text_config"])
+    return AutoConfig.for_model(text.pop("model_type"), **text)
 
 
 def _build(cfg: ExperimentConfig, seed: int, text_config) -> FusionClassifier:

@@ -59,6 +59,14 @@ class FlopCounter:
         relative_projections = 6.0 * self.width**2 * self.relative * passes
         return float(6.0 * self.dense * s.sum() + 6.0 * self.head * len(s) + attention + relative_projections)
 
+    def per_sample(self, lengths: np.ndarray) -> float:
+        """Mean training FLOPs of one sequence of these lengths (the per-micro-batch DeBERTa term left out)."""
+        return self.flops(lengths, passes=0) / max(1, len(lengths))
+
+    def per_token(self, lengths: np.ndarray) -> float:
+        """Training FLOPs per real token over sequences of these lengths (the per-micro-batch term left out)."""
+        return self.flops(lengths, passes=0) / max(1, int(np.sum(lengths)))
+
 
 def attention_pairs(lengths: np.ndarray, window: int | None) -> np.ndarray:
     """(query, key) pairs a bidirectional attention layer scores per sequence: s^2, or with a local window of

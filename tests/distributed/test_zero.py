@@ -1,7 +1,10 @@
 """DeepSpeed ZeRO 1/2/3 on 2 gloo CPU processes against plain DDP: same losses, same weights, less memory.
 
-The ranks get the environment `accelerate launch --use_deepspeed --zero_stage N` gives its processes
-(conftest.deepspeed_env); the launcher itself is run for real in tests/distributed/test_launch_cpu.py."""
+The model is a pretrained checkpoint loaded by path (a tiny BERT saved with `save_pretrained`, its classifier
+head new), so `from_pretrained` runs as it does for users' models: under ZeRO-3, transformers would load it
+partitioned unless told otherwise. The ranks get the environment `accelerate launch --use_deepspeed --zero_stage
+N` gives its processes (conftest.deepspeed_env); the launcher itself is run for real in
+tests/distributed/test_launch_cpu.py."""
 
 import json
 
@@ -11,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import pipeline
 
 from tests.conftest import deepspeed_env, read_metrics, read_results, run_harness, tiny_config
+from tests.tiny_families import save_tiny_model
 
 pytest.importorskip("deepspeed", reason="needs the deepspeed package")
 pytestmark = pytest.mark.slow
@@ -22,11 +26,12 @@ COMMON = ("train.grad_accum=2", "train.batch_size=4", f"train.max_steps={STEPS}"
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("zero")
-    # Dropout off: DDP and ZeRO then compute the same function; clipping at 0.02 is active on every step.
+    pretrained = save_tiny_model("bert", tmp / "pretrained")  # a masked-LM checkpoint: the classifier head is new
+    # Dropout off: DDP and ZeRO then compute the same function; clipping at 0.01 is active on every step.
     return tiny_config(
         tmp,
-        model={"name_or_path": "builtin:tiny-bert", "dropout": 0.0, "classifier_dropout": 0.0},
-        train={"lr": 2e-3, "max_grad_norm": 0.02},
+        model={"name_or_path": str(pretrained), "dropout": 0.0, "classifier_dropout": 0.0},
+        train={"lr": 2e-3, "max_grad_norm": 0.01},
     )
 
 
@@ -45,17 +50,34 @@ def memory(out):
     return next(r for r in read_metrics(out) if r["event"] == "memory")["per_rank"]
 
 
+def event(out, name):
+    row = next(r for r in read_metrics(out) if r["event"] == name)
+    return {k: v for k, v in row.items() if k != "time"}
+
+
+def assert_same_model_view(out, ddp):
+    """The optimizer's groups (weight decay on every matrix, none on biases and norms) and the FLOP count are
+    DDP's: read from the whole model, never from a partitioned placeholder."""
+    groups, ddp_groups = event(out, "optimizer")["groups"], event(ddp, "optimizer")["groups"]
+    assert groups == ddp_groups
+    decayed = [name for g in groups if g["weight_decay"] > 0 for name in g["params"]]
+    assert len(decayed) == 3 * 6 + 2 + 3  # per layer Q, K, V, O, FFN in and out; pooler, classifier; 3 embeddings
+    flops = event(out, "flops")
+    assert flops == event(ddp, "flops") and flops["per_token"] > 6 * flops["dense_weights"] > 0
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_matches_ddp(stage, config, ddp, tmp_path):
     out = tmp_path / f"zero{stage}"
     run_harness(config, *COMMON, f"output_dir={out}", nproc=2, env_extra=deepspeed_env(stage))
     assert read_results(out)["world_size"] == 2
     setup = read_metrics(out)[0]
-    assert setup["distributed_type"] == "DEEPSPEED" and setup["world_size"] == 2
+    assert setup["distributed_type"] == "DEEPSPEED" and setup["world_size"] == 2 and setup["zero_stage"] == stage
+    assert_same_model_view(out, ddp)
 
     ddp_rows, zero_rows = train_rows(ddp), train_rows(out)
     assert [r["step"] for r in zero_rows] == list(range(1, STEPS + 1)) == [r["step"] for r in ddp_rows]
-    assert all(r["grad_norm"] > 0.02 for r in ddp_rows), "clipping must be active for this test to mean anything"
+    assert all(r["grad_norm"] > 0.01 for r in ddp_rows), "clipping must be active for this test to mean anything"
     for d, z in zip(ddp_rows, zero_rows, strict=True):
         assert z["loss"] == pytest.approx(d["loss"], rel=1e-5), (d["step"], d["loss"], z["loss"])
         assert z["grad_norm"] == pytest.approx(d["grad_norm"], rel=1e-4)
@@ -108,14 +130,22 @@ def test_resume_from_a_zero2_checkpoint_continues_the_same_run(config, tmp_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_in_bf16_exports_the_fp32_master_weights(stage, config, tmp_path):
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_in_bf16_exports_the_fp32_master_weights(stage, config, ddp, tmp_path):
     # Under DeepSpeed bf16 the module's own weights are bf16; the optimizer updates fp32 masters, which best/ and
-    # final/ must hold (as a DDP run's fp32 parameters): values a bf16 tensor cannot represent.
+    # final/ must hold (as a DDP run's fp32 parameters): values a bf16 tensor cannot represent. ZeRO-1 in bf16 runs
+    # DeepSpeed's BF16_Optimizer (fp32 gradient accumulation), whose partitions live elsewhere than ZeRO's.
     out = tmp_path / f"zero{stage}"
     run_harness(config, *COMMON, "train.precision=bf16", f"output_dir={out}", nproc=2, env_extra=deepspeed_env(stage))
-    assert read_results(out)["precision"] == "bf16"
+    assert read_results(out)["precision"] == "bf16" and read_metrics(out)[0]["zero_stage"] == stage
+    assert_same_model_view(out, ddp)
+    for rank in memory(out):  # each rank's fp32 master partition: half of the fp32 weights
+        assert 0.45 < rank["fp32_master"] / memory(ddp)[0]["parameters"] < 0.55, rank
     for folder in ("final", "best"):
         weights = [w for w in load_file(str(out / folder / "model.safetensors")).values() if w.is_floating_point()]
         assert all(w.dtype == torch.float32 for w in weights)
         assert sum(int((w != w.bfloat16().float()).sum()) for w in weights) > 1000, folder
+    # The export says what its weights are: transformers loads it in fp32, not in the training's bf16.
+    classify = pipeline("text-classification", model=str(out / "best"))
+    assert classify.model.dtype == torch.float32
+    assert classify("great wonderful film")[0]["label"] in {"neg", "pos"}

@@ -175,3 +175,14 @@ def test_same_seed_same_model_and_export_round_trip(tmp_path):
         load_model(ModelConfig(name_or_path=str(tmp_path / "best")), "classifier", LABELS, seed=0)
     with pytest.raises(PredictError, match="needs inputs besides text"):
         load_classifier(tmp_path / "best")
+
+    # Other tools: transformers refuses the folder, naming what it is, instead of loading a text classifier with
+    # random weights in place of the fused model's (its config.json was once the text encoder's).
+    from transformers import AutoModelForSequenceClassification, pipeline
+
+    for load in (
+        AutoModelForSequenceClassification.from_pretrained,
+        lambda p: pipeline("text-classification", model=p),
+    ):
+        with pytest.raises(ValueError, match="harness-multimodal-fusion"):
+            load(str(tmp_path / "best"))
