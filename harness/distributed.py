@@ -584,8 +584,14 @@ def deepspeed_overflow(accelerator: Accelerator) -> bool:
     return bool(getattr(engine.optimizer, "overflow", False))
 
 
-def deepspeed_grad_norm(accelerator: Accelerator) -> float | None:
-    """The gradient norm DeepSpeed computed in its last step (host sync when it is a device tensor: log steps
-    only)."""
+def deepspeed_grad_norm(accelerator: Accelerator) -> torch.Tensor | None:
+    """The gradient norm DeepSpeed computed in its last step, as a 0-dim tensor on the device (inf after a step
+    it skipped for non-finite gradients); None where its ZeRO-1/2 does not compute one."""
     norm = accelerator.deepspeed_engine_wrapped.engine.get_global_grad_norm()
-    return float(norm) if norm is not None else None
+    if norm is None:
+        return None
+    return (
+        norm.reshape(()).float()
+        if isinstance(norm, torch.Tensor)
+        else torch.tensor(float(norm), device=accelerator.device)
+    )

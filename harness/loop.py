@@ -45,7 +45,7 @@ from harness.distributed import (
     torch_optimizer,
 )
 from harness.evaluation import BestSoFar
-from harness.faults import injected_faults, pause
+from harness.faults import inject_fault, injected_faults, pause
 from harness.model import (
     attention_in_use,
     compile_model,
@@ -237,6 +237,8 @@ class Validator:
         with self.meter.paused("validation"):
             pause("validation")  # fault injection for tests: a signal during validation
             scores = self.task.evaluate(self.ctx, model, "validation").scores
+            if state.step in injected_faults().nan_eval:  # fault injection for tests: NaN validation scores
+                scores = {k: float("nan") if isinstance(v, float) else v for k, v in scores.items()}
             improved = state.best.update(state.step, scores)
             state.last_eval_step = state.step
             self.log.record("eval", split="validation", step=state.step, epoch=round(epoch, 4), **scores)
@@ -292,7 +294,7 @@ def train(r: Run) -> None:
             epoch_progress = state.epoch + state.position / len(plan)
             last_step = state.step == r.total_steps
             if every_n_steps(state.step, cfg.logging.every_steps) or last_step:
-                log_training(r, epoch_progress, grad_norm if applied else None, applied)
+                log_training(r, epoch_progress, grad_norm if applied else None)
             else:
                 log.advance(state.step, r.total_steps, None)
 
@@ -334,22 +336,19 @@ def forward_backward(r: Run, batches, weight: float, fault: str | None) -> torch
     for _ in range(r.cfg.train.grad_accum):
         batch = {k: v.to(r.place.device, non_blocking=True) for k, v in next(batches).items()}
         with r.accelerator.accumulate(r.model):  # no gradient sync until the step's last micro-batch
-            loss_sum = r.task.loss_sum(r.ctx, r.model, batch)
-            if fault == "nan-loss":
-                loss_sum = loss_sum * float("nan")  # fault injection for tests (HARNESS_INJECT_NAN_STEPS)
+            loss_sum = inject_fault(r.task.loss_sum(r.ctx, r.model, batch), fault)
             r.accelerator.backward(loss_sum * scale)
         step_loss += loss_sum.detach()
-    if fault == "nan-grad":  # a finite loss with a non-finite gradient (HARNESS_INJECT_NAN_GRAD_STEPS)
-        next(p for p in r.model.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
     return step_loss
 
 
 def gradient_norm(r: Run) -> torch.Tensor | None:
     """The global gradient norm before clipping, on the device; gradients are clipped to train.max_grad_norm.
     Accelerate's accumulation counter is at a step boundary here: gradients are synchronised (and, under fp16,
-    unscaled first). Under DeepSpeed, None: its engine has already clipped and stepped inside backward."""
+    unscaled first). Under DeepSpeed, the norm its engine computed when it clipped and stepped inside backward
+    (inf where it found non-finite gradients and skipped the step)."""
     if r.place.zero_stage:
-        return None
+        return deepspeed_grad_norm(r.accelerator)
     params = [p for p in r.model.parameters() if p.grad is not None]
     if r.cfg.train.max_grad_norm > 0:
         return r.accelerator.clip_grad_norm_(params, r.cfg.train.max_grad_norm)
@@ -370,21 +369,25 @@ def apply_step(r: Run, state: TrainState, bad_loss: bool, bad_grads: bool) -> bo
     the loss scaler's overflow (non-finite gradients of a finite loss) is the scaler's business: the optimizer
     step is called so that the scaler skips it and lowers its scale, the schedule does not advance, and the
     streak does not count it. DeepSpeed applies its step inside backward: a non-finite loss under bf16 / fp32
-    has been applied already (the run stops); under fp16 its own scaler skipped the step."""
-    overflow = deepspeed_overflow(r.accelerator) if r.place.zero_stage else False
-    if not (bad_loss or bad_grads or overflow):
+    has already been taken or skipped: a step it skipped (its overflow check: non-finite gradients, whatever the
+    precision) is counted like any other, fp16's finite-loss overflow as the scaler's; one it applied with a
+    non-finite loss or gradient has reached the weights, and the run stops."""
+    if r.place.zero_stage:
+        skipped = deepspeed_overflow(r.accelerator)
+        if not skipped and (bad_loss or bad_grads):
+            raise NonFiniteLoss(f"non-finite {'loss' if bad_loss else 'gradient norm'} at step {state.step + 1} under "
+                                "DeepSpeed, which has already applied it; resume from the last checkpoint with a "
+                                "lower train.lr")  # fmt: skip
+        bad_grads = bad_grads or skipped
+    if not (bad_loss or bad_grads):
         r.optimizer.step()
         r.scheduler.step()
         state.nonfinite_streak = 0
         return True
     state.skipped_steps += 1
-    if r.place.zero_stage:
-        if bad_loss and r.place.precision != "fp16":
-            raise NonFiniteLoss(f"non-finite loss at step {state.step + 1} under DeepSpeed, which has already applied "
-                                "it; resume from the last checkpoint with a lower train.lr")  # fmt: skip
-    elif r.accelerator.scaler is not None:
+    if not r.place.zero_stage and r.accelerator.scaler is not None:
         r.optimizer.step()  # the scaler finds the overflow, skips the update and lowers its scale
-    scaler_overflow = (r.accelerator.scaler is not None or r.place.zero_stage) and not bad_loss
+    scaler_overflow = r.place.precision == "fp16" and not bad_loss
     if scaler_overflow:
         r.log.warn(f"step {state.step + 1}: fp16 gradient overflow, update skipped and loss scale lowered")
         return False
@@ -399,12 +402,10 @@ def apply_step(r: Run, state: TrainState, bad_loss: bool, bad_grads: bool) -> bo
     return False
 
 
-def log_training(r: Run, epoch: float, grad_norm: torch.Tensor | None, applied: bool) -> None:
+def log_training(r: Run, epoch: float, grad_norm: torch.Tensor | None) -> None:
     """A log step: the window's loss, the rates and the last step's gradient norm, on the console and as a
     metrics.jsonl row."""
     state = r.state
-    if r.place.zero_stage and applied:
-        grad_norm = deepspeed_grad_norm(r.accelerator)
     loss = r.window.mean()  # host sync: every rank's window
     rates = r.meter.rates()
     shown = {"loss": loss, "lr": r.scheduler.get_last_lr()[0], "samples/s": rates.get("samples_per_s", 0.0),
@@ -449,10 +450,13 @@ def finish(r: Run) -> dict:
     if state.last_eval_step != state.step:  # evaluate-only runs (max_steps=0), or a run cut short by max_steps
         r.validator.validate(r.model, state, float(state.epoch))
     best = state.best
-    if best.step != state.step:
+    if best.value is None:
+        log.warn(f"no validation gave a finite {best.metric}: there is no best model (best/ is not written); "
+                 "testing the final model")  # fmt: skip
+    elif best.step != state.step:
         r.checkpoints.restore_best(r.model)
         log.info(f"loaded the best model (step {best.step}, validation {best.metric} {best.value:.4f}) for test")
-    final_scores = {"validation": best.validation}
+    final_scores = {"validation": best.validation} if best.validation is not None else {}
     if "test" in r.ctx.splits:
         with r.meter.paused("test"):
             test = r.task.evaluate(r.ctx, r.model, "test")
@@ -460,7 +464,7 @@ def finish(r: Run) -> dict:
         log.record("eval", split="test", step=best.step, **test.scores)
         if test.predictions is not None and r.place.is_main:
             write_predictions(r.out / PREDICTIONS_FILE, test.predictions)
-    log.metrics_table("best model", final_scores)
+    log.metrics_table("best model" if best.value is not None else "final model", final_scores)
 
     results = {
         "task": r.task.name,

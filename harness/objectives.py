@@ -20,6 +20,7 @@ every number here is computed on the host from the same arrays on every rank: eq
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,6 +186,10 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def is_improvement(value: float, best: float | None, metric: str) -> bool:
+    """Whether `value` beats `best`; a non-finite value never does (a NaN from an fp16 overflow would otherwise
+    be chosen once and never replaced: every comparison with it is false)."""
+    if not math.isfinite(value):
+        return False
     if best is None:
         return True
     return value < best if metric in LOWER_IS_BETTER else value > best

@@ -149,3 +149,17 @@ def test_zero_in_bf16_exports_the_fp32_master_weights(stage, config, ddp, tmp_pa
     classify = pipeline("text-classification", model=str(out / "best"))
     assert classify.model.dtype == torch.float32
     assert classify("great wonderful film")[0]["label"] in {"neg", "pos"}
+
+
+@pytest.mark.parametrize(("stage", "precision"), [(2, "fp32"), (1, "bf16")])
+def test_steps_deepspeed_skips_for_nonfinite_gradients_count_toward_the_streak(stage, precision, config, tmp_path):
+    # A finite loss with NaN gradients: DeepSpeed's overflow check skips the step in every precision (ZeRO-1 in
+    # bf16 through its BF16_Optimizer). Outside fp16 that is no loss-scale overflow: two in a row stop the run.
+    out = tmp_path / "run"
+    proc = run_harness(config, *COMMON, f"train.precision={precision}", "runtime.max_nonfinite_steps=2",
+                       f"output_dir={out}", nproc=2, env_extra={**deepspeed_env(stage),
+                       "HARNESS_INJECT_NAN_GRAD_STEPS": "3,4"}, check=False)  # fmt: skip
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "step 3: non-finite gradient norm (finite loss), update skipped (1 in a row)" in proc.stderr
+    assert "2 consecutive steps with a non-finite loss or gradient" in proc.stderr
+    assert json.loads((out / "exit_status.json").read_text())["status"] == "failed"

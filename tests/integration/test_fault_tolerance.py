@@ -254,6 +254,22 @@ def test_a_nonfinite_gradient_with_a_finite_loss_is_skipped_and_counted(config, 
     assert proc.returncode == 3 and "2 consecutive steps with a non-finite loss or gradient" in proc.stderr
 
 
+def test_a_nan_validation_never_becomes_the_best_model(config, tmp_path):
+    # Validations at steps 10 and 20; step 10's scores are NaN (as after an fp16 overflow in the forward pass).
+    out = tmp_path / "run"
+    run_harness(config, f"output_dir={out}", "train.max_steps=20", env_extra={"HARNESS_INJECT_NAN_EVAL_STEPS": "10"})
+    best = read_results(out)["best"]
+    assert best["step"] == 20 and best["value"] == best["value"], best  # finite, not the NaN of step 10
+    # Every validation NaN: no best model; the final one is tested, and nothing claims to be the best.
+    out = tmp_path / "all_nan"
+    proc = run_harness(config, f"output_dir={out}", "train.max_steps=20",
+                       env_extra={"HARNESS_INJECT_NAN_EVAL_STEPS": "10,20"})  # fmt: skip
+    assert "no validation gave a finite loss: there is no best model" in proc.stderr
+    results = read_results(out)
+    assert results["best"]["step"] == -1 and results["best"]["value"] is None and results["test"]["samples"] == 101
+    assert (out / "final" / "model.safetensors").is_file() and not (out / "best").exists()
+
+
 def test_a_second_run_into_a_busy_folder_is_refused_naming_the_first(config, tmp_path):
     out = tmp_path / "run"
     first = start_harness(config, f"output_dir={out}", "train.epochs=20")

@@ -96,8 +96,21 @@ def test_deepspeed_fp16_overflow_goes_on_and_a_bf16_nonfinite_loss_stops(step_pa
     monkeypatch.setattr(loop, "deepspeed_overflow", lambda accelerator: True)
     r = make_run(model, "fp16", zero_stage=2)
     state = TrainState()
-    assert loop.apply_step(r, state, bad_loss=False, bad_grads=False) is False
+    assert loop.apply_step(r, state, bad_loss=False, bad_grads=True) is False
     assert state.skipped_steps == 1 and state.nonfinite_streak == 0 and r.scheduler.last_epoch == 0
     monkeypatch.setattr(loop, "deepspeed_overflow", lambda accelerator: False)
     with pytest.raises(loop.NonFiniteLoss, match="under DeepSpeed, which has already applied it"):
         loop.apply_step(make_run(model, "bf16", zero_stage=2), TrainState(), bad_loss=True, bad_grads=False)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_deepspeed_skips_outside_fp16_count_toward_the_streak(step_parts, monkeypatch, precision):
+    # DeepSpeed skips a step with non-finite gradients in every precision; only fp16's is a loss-scale overflow.
+    monkeypatch.setattr(loop, "deepspeed_overflow", lambda accelerator: True)
+    r = make_run(step_parts, precision, zero_stage=2)
+    r.cfg.runtime.max_nonfinite_steps = 2
+    state = TrainState()
+    assert loop.apply_step(r, state, bad_loss=False, bad_grads=True) is False
+    assert state.skipped_steps == 1 and state.nonfinite_streak == 1 and r.scheduler.last_epoch == 0
+    with pytest.raises(loop.NonFiniteLoss, match="2 consecutive steps"):
+        loop.apply_step(r, state, bad_loss=False, bad_grads=True)
