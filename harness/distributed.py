@@ -223,13 +223,24 @@ def native_cpu_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def native_gpu_bf16() -> bool:
+    """Whether this rank's GPU computes bf16 natively (compute capability 8.0 and newer: Ampere, Hopper, ...).
+
+    Read from the device's properties, which creates no CUDA context: `torch.cuda.is_bf16_supported()` asks the
+    current device (cuda:0 in every rank, before each selects its own) and by default counts emulation, which
+    V100 and T4 have, by allocating a tensor there."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    major, _ = torch.cuda.get_device_capability(local_rank % max(1, torch.cuda.device_count()))
+    return major >= 8
+
+
 def resolve_precision(requested: str, on_gpu: bool) -> str:
-    """train.precision `auto`: bf16 on GPUs that support it (Ampere and newer; fp16 with loss scaling on older
-    ones), bf16 on CPUs that compute it natively, fp32 elsewhere. Other values are taken as they are."""
+    """train.precision `auto`: bf16 on GPUs that compute it natively (Ampere and newer; fp16 with loss scaling on
+    older ones), bf16 on CPUs that compute it natively, fp32 elsewhere. Other values are taken as they are."""
     if requested != "auto":
         return requested
     if on_gpu:
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if native_gpu_bf16() else "fp16"
     return "bf16" if native_cpu_bf16() else "fp32"
 
 

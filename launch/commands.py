@@ -6,8 +6,8 @@
 Which launcher for which intent (process counts checked on a CPU-only machine with a probe printing
 WORLD_SIZE/RANK/LOCAL_RANK):
 * debug: plain `python` -- one process, no launcher, plus small-data overrides so a mistake shows in seconds.
-* cpu N: `torchrun --nproc_per_node N`. The harness builds Accelerator(cpu=True), which forms a gloo world
-  inside any torchrun-style launch. Not `accelerate launch --cpu --num_processes N` and not a MULTI_CPU
+* cpu N: `torchrun --nproc_per_node N`, GPUs hidden (CUDA_VISIBLE_DEVICES=""). The harness builds
+  Accelerator(cpu=True), which forms a gloo world inside any torchrun-style launch. Not `accelerate launch --cpu --num_processes N` and not a MULTI_CPU
   accelerate config: both start ONE process (MULTI_CPU multi-process needs mpirun).
 * gpus N: `accelerate launch` with multi_gpu.yaml (default.yaml for one process in all). With no GPUs on
   the node it becomes `cpu N`: same world, and torchrun names what actually happens.
@@ -205,6 +205,11 @@ def _torchrun_command(request: Request, env: Mapping[str, str], place: Placement
     # torchrun alone sets 1 thread per process; share the node's cores instead (unless the user chose).
     if "OMP_NUM_THREADS" not in env:
         command.env["OMP_NUM_THREADS"] = str(max(1, place.cpus_per_node // nproc))
+    if place.gpus_per_node > 0:
+        # `cpu` on a GPU node means CPU processes: the harness takes a visible GPU wherever it finds one (and
+        # rank k asks for cuda:k, which fails past the node's GPU count).
+        command.env["CUDA_VISIBLE_DEVICES"] = ""
+        command.notes.append(f"cpu: {nproc} CPU processes per node; the node's GPUs are hidden from them")
     return command
 
 

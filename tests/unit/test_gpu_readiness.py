@@ -23,10 +23,33 @@ from launch.commands import Host, Request, build_command
     ],
 )
 def test_auto_precision_follows_the_machine(monkeypatch, gpu, gpu_bf16, cpu_bf16, expected):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: gpu_bf16)
+    monkeypatch.setattr(distributed, "native_gpu_bf16", lambda: gpu_bf16)
     monkeypatch.setattr(distributed, "native_cpu_bf16", lambda: cpu_bf16)
     assert distributed.resolve_precision("auto", on_gpu=gpu) == expected
     assert distributed.resolve_precision("fp32", on_gpu=gpu) == "fp32"  # an explicit choice stands
+
+
+@pytest.mark.parametrize(("capability", "expected"), [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"),
+                                                      ((9, 0), "bf16")])  # fmt: skip
+def test_auto_precision_asks_this_ranks_gpu_and_never_counts_emulated_bf16(monkeypatch, capability, expected):
+    # V100 (7.0) and T4 (7.5) emulate bf16, which torch.cuda.is_bf16_supported() counts by default, by allocating on
+    # cuda:0 in every rank. Rank 3 of 4 GPUs must read its own GPU's properties, and nothing else.
+    asked = []
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: pytest.fail("emulation counted"))
+    assert distributed.resolve_precision("auto", on_gpu=True) == expected and asked == [3]
+
+
+def test_the_cpu_intent_hides_a_gpu_nodes_gpus():
+    # Without it, the ranks of `cpu 2` would take GPUs (and `cpu 16` on an 8-GPU node would ask for cuda:8).
+    command = build_command(Request("cpu", 2), {}, Host(gpus=8, cpus=16, free_port=41000))
+    assert command.env["CUDA_VISIBLE_DEVICES"] == "" and command.argv[0] == "torchrun"
+    slurm = build_command(Request("cpu", 2, from_slurm=True), {"SLURM_JOB_ID": "7", "SLURM_NNODES": "1",
+                          "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "gpu01", "SLURM_GPUS_ON_NODE": "4"}, Host())  # fmt: skip
+    assert slurm.env["CUDA_VISIBLE_DEVICES"] == ""
+    assert "CUDA_VISIBLE_DEVICES" not in build_command(Request("cpu", 2), {}, Host(gpus=0)).env
 
 
 def test_tf32_follows_the_setting():
