@@ -30,7 +30,7 @@ from harness.data.sampler import EpochPlanner, StepLayout
 from harness.distributed import EXIT_REQUEUE, Preempted, RunPlace, StopRequest
 from harness.evaluation import BestSoFar
 from harness.faults import pause
-from harness.rundir import is_bookkeeping
+from harness.rundir import is_bookkeeping, write_exit_status
 from harness.serving import ServingSpec
 
 
@@ -332,6 +332,9 @@ class TrainState:
     skipped_steps: int = 0
     last_eval_step: int = -1
     best: BestSoFar | None = None
+    stopped_early: bool = False
+    """Early stopping ended training at this step: a run resumed from here only finishes (export, validation,
+    test), as one resumed from the schedule's last step does."""
 
     @classmethod
     def from_json(cls, text: str) -> TrainState:
@@ -459,25 +462,42 @@ class CheckpointManager:
 
     def after_step(self, state: TrainState, window: LossWindow, end_of_epoch: bool, last_step: bool, stop_now: bool,
                    time_due: bool) -> None:  # fmt: skip
-        """Save if a checkpoint is due after this step; at a stop signal, save and raise `Preempted`."""
+        """Save if a checkpoint is due after this step; at a stop signal, save and raise `Preempted`. The last
+        step (of the schedule, or where early stopping ends training) always saves: whatever stops the finish
+        (a signal, a time limit, a crash), the run resumes into the finish alone."""
         c = self.cfg.checkpoint
         if stop_now:
             self.preempt(state, self.save(state, window, f"signal {self.stop.signal_name}"))
         periodic = (c.every_steps > 0 and state.step % c.every_steps == 0) or time_due
-        if periodic or (end_of_epoch and c.at_epoch_end and not last_step):
-            path = self.save(state, window, "epoch end" if end_of_epoch else "periodic")
+        if periodic or last_step or (end_of_epoch and c.at_epoch_end):
+            reason = "last step" if last_step else "epoch end" if end_of_epoch and c.at_epoch_end else "periodic"
+            path = self.save(state, window, reason)
             if self.stop.agreed(self.accelerator):  # signalled while writing: the write finished, now stop
                 self.preempt(state, path)
 
-    def preempt(self, state: TrainState, path: Path) -> None:
-        """Stop after the checkpoint at `path`: log how long it took since the signal, raise `Preempted`."""
+    def preempt(self, state: TrainState, path: Path | None) -> None:
+        """Stop after the checkpoint at `path` (None: after the one the finish resumes from, or none at all):
+        log how long it took since the signal, write the "preempted" status, and raise `Preempted` on every
+        rank once the status is on disk. Collective: a launcher kills the remaining ranks as soon as one has
+        exited, so rank 0 must not be the last to write."""
         seconds = time.monotonic() - self.stop.requested_at
         self.log.stop_progress()
-        self.log.info(f"{self.stop.signal_name}: checkpoint {path} written {seconds:.1f} s after the signal; "
+        where = f"checkpoint {path} written" if path is not None else "stopped"
+        self.log.info(f"{self.stop.signal_name}: {where} {seconds:.1f} s after the signal; "
                       f"exiting with code {EXIT_REQUEUE} (run the same command to resume)")  # fmt: skip
-        self.log.record("preempted", step=state.step, signal=self.stop.signal_name,
+        self.log.record("preempted", step=state.step, signal=self.stop.signal_name, phase=self.stop.phase,
                         seconds_to_checkpoint=round(seconds, 3))  # fmt: skip
+        if self.place.is_main:
+            pause("status")  # fault injection for tests: the other ranks must still be waiting here
+            write_exit_status(self.out, "preempted", EXIT_REQUEUE)
+        self.accelerator.wait_for_everyone()
         raise Preempted(str(path))
+
+    def stop_if_signalled(self, state: TrainState) -> None:
+        """During the finish: stop (`preempt`) if any rank has been signalled (collective). The last step's
+        checkpoint holds everything; the requeued run redoes the finish."""
+        if self.stop.agreed(self.accelerator):
+            self.preempt(state, None)
 
     def save(self, state: TrainState, window: LossWindow, reason: str) -> Path:
         """A complete checkpoint of this step (collective: every rank calls it)."""

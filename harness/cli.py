@@ -8,13 +8,11 @@ checkpoint (requeue and run the same command to resume).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import time
 from collections.abc import Callable
 
 from harness.config import ConfigError, ExperimentConfig, load_config
+from harness.rundir import write_exit_status
 
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
@@ -27,22 +25,6 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=3e-5")
     return parser.parse_args(argv)
-
-
-EXIT_STATUS_FILE = "exit_status.json"
-
-
-def write_exit_status(cfg: ExperimentConfig, status: str, code: int) -> None:
-    """<output_dir>/exit_status.json, from the main process: how the run ended, for batch scripts.
-
-    Launchers (torchrun, accelerate launch) turn any failing worker into their own exit code 1, so a SLURM
-    script reads this file to tell a preemption (requeue it) from a failure (do not)."""
-    if os.environ.get("RANK", "0") != "0" or not os.path.isdir(cfg.output_dir):
-        return
-    path = os.path.join(cfg.output_dir, EXIT_STATUS_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump({"status": status, "exit_code": code, "time": time.time()}, f)
-    os.replace(path + ".tmp", path)
 
 
 def main_entry(
@@ -75,15 +57,15 @@ def main_entry(
     except Preempted as exc:
         if isinstance(exc, StoppedBeforeTraining):
             print(f"{exc}", file=sys.stderr, flush=True)
-        write_exit_status(cfg, "preempted", EXIT_REQUEUE)
+        write_exit_status(cfg.output_dir, "preempted", EXIT_REQUEUE)
         return EXIT_REQUEUE
     except NonFiniteLoss as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        write_exit_status(cfg, "failed", EXIT_NONFINITE)
+        write_exit_status(cfg.output_dir, "failed", EXIT_NONFINITE)
         return EXIT_NONFINITE
     except CheckpointSaveError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        write_exit_status(cfg, "failed", EXIT_SAVE_FAILED)
+        write_exit_status(cfg.output_dir, "failed", EXIT_SAVE_FAILED)
         return EXIT_SAVE_FAILED
-    write_exit_status(cfg, "completed", 0)
+    write_exit_status(cfg.output_dir, "completed", 0)
     return 0

@@ -537,10 +537,15 @@ class StopRequest:
     * setup (before the first training step): at once, with the requeue code; there is nothing to save;
     * training: at the next step boundary, with a checkpoint; a signal during validation or during a
       checkpoint's write lets it finish first (the loop asks `agreed` after each);
-    * finish (final export and test): the run completes; its end is as near as a checkpoint would be.
-    A second signal exits at once with the requeue code."""
+    * finish (final export, validation and test, after the last step's checkpoint): at the next point the
+      finish asks (between its parts, and between test batches); the requeued run redoes the finish only.
+    A second signal exits at once with the requeue code. One signal delivered twice is one request: SLURM
+    signals every process of a job step, and torchrun / accelerate launch forward their own copy of a TERM to
+    each worker, so a worker under a launcher receives a preemption's TERM twice within milliseconds."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SAME_REQUEST_S = 2.0
+    """A repeat within this many seconds of the first signal is the same request, delivered twice."""
 
     def __init__(self, exit_code: int = EXIT_REQUEUE):
         self.exit_code = exit_code
@@ -554,10 +559,13 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
+        now = time.monotonic()
         if self.requested_at is not None:
+            if now - self.requested_at < self.SAME_REQUEST_S:
+                return  # the launcher's copy of the same signal
             print(f"second {signal.Signals(signum).name}: exiting now", file=sys.stderr, flush=True)
             os._exit(self.exit_code)
-        self.requested_at = time.monotonic()
+        self.requested_at = now
         self.signal_name = signal.Signals(signum).name
         if self.phase == "setup":  # raised in the main thread, wherever setup is (tokenizing, loading, waiting)
             raise StoppedBeforeTraining(f"{self.signal_name} before the first training step: nothing to save; exiting with code "

@@ -50,9 +50,12 @@ def gather_example_records(
     score_batch: Callable[[torch.nn.Module, dict], dict[str, torch.Tensor]],
     num_workers: int = 0,
     pin_memory: bool = False,
+    interrupt: Callable[[], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Run `score_batch` (per-example values, each of shape [batch]) over the split, sharded over ranks;
-    returns every example's values in example order, on every rank."""
+    returns every example's values in example order, on every rank. `interrupt` is called before each batch
+    (every rank runs as many batches, padding included, so it may be collective) and stops the evaluation by
+    raising."""
     plan = plan_eval(split.lengths, batch_size, accelerator.num_processes, accelerator.process_index)
     loader = DataLoader(
         split,
@@ -66,6 +69,8 @@ def gather_example_records(
     model.eval()
     records: dict[str, list[torch.Tensor]] = {}
     for batch, is_padding in zip(loader, plan.is_padding, strict=True):
+        if interrupt is not None:
+            interrupt()
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
         values = score_batch(model, batch)
         if is_padding:

@@ -39,7 +39,7 @@ def injected_faults() -> Faults:
 
 
 def pause(phase: str) -> None:
-    """HARNESS_INJECT_PAUSE=phase:seconds (setup, validation, checkpoint): sleep that long there, once the
+    """HARNESS_INJECT_PAUSE=phase:seconds (setup, validation, checkpoint, test, status): sleep that long there, once the
     phase's work is under way, announcing it on stderr, so a test can signal the run in that phase."""
     spec = os.environ.get(PAUSE_ENV, "")
     name, _, seconds = spec.partition(":")

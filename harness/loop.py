@@ -266,7 +266,7 @@ def train(r: Run) -> None:
     r.meter.start()
     r.stop.phase = "train"
     stop_early = False
-    while state.step < r.total_steps and not stop_early:
+    while state.step < r.total_steps and not stop_early and not state.stopped_early:
         plan = r.planner.plan(state.epoch, state.consumed_before_plan)
         todo = plan[state.position :][: r.total_steps - state.step]
         batches = iter(train_loader(r, todo))
@@ -304,8 +304,9 @@ def train(r: Run) -> None:
             stop_now = stop_now or (validating and r.stop.agreed(r.accelerator))  # signalled while validating
             if end_of_epoch:
                 state.next_epoch()
+            state.stopped_early = stop_early
             with r.meter.paused("checkpoint"):
-                r.checkpoints.after_step(state, r.window, end_of_epoch, last_step, stop_now, time_due)
+                r.checkpoints.after_step(state, r.window, end_of_epoch, last_step or stop_early, stop_now, time_due)
             if stop_early:
                 log.info(f"early stopping: no improvement in {cfg.eval.patience} validations")
                 break
@@ -441,14 +442,18 @@ def report_memory(r: Run) -> None:
 
 def finish(r: Run) -> dict:
     """The last state to final/; the best model (validated once more if the last step was not) on test;
-    results.json."""
+    results.json. The last step's checkpoint is on disk: a signal stops the finish between its parts (and
+    between test batches), and the requeued run resumes into the finish alone."""
     cfg, state, log = r.cfg, r.state, r.log
-    r.stop.phase = "finish"  # a signal now lets the run complete: its end is as near as a checkpoint
+    r.stop.phase = "finish"
+    r.checkpoints.stop_if_signalled(state)
     if cfg.train.compile:
         log.info(f"torch.compile: {compiled_graph_count()} graph(s) compiled for training and validation")
     r.checkpoints.export_final(r.model)
+    r.checkpoints.stop_if_signalled(state)
     if state.last_eval_step != state.step:  # evaluate-only runs (max_steps=0), or a run cut short by max_steps
         r.validator.validate(r.model, state, float(state.epoch))
+        r.checkpoints.stop_if_signalled(state)
     best = state.best
     if best.value is None:
         log.warn(f"no validation gave a finite {best.metric}: there is no best model (best/ is not written); "
@@ -459,7 +464,8 @@ def finish(r: Run) -> dict:
     final_scores = {"validation": best.validation} if best.validation is not None else {}
     if "test" in r.ctx.splits:
         with r.meter.paused("test"):
-            test = r.task.evaluate(r.ctx, r.model, "test")
+            pause("test")  # fault injection for tests: a signal during the final test
+            test = r.task.evaluate(r.ctx, r.model, "test", interrupt=lambda: r.checkpoints.stop_if_signalled(state))
         final_scores["test"] = test.scores
         log.record("eval", split="test", step=best.step, **test.scores)
         if test.predictions is not None and r.place.is_main:

@@ -23,11 +23,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object
+from typing import TYPE_CHECKING
 
 from harness.config import ConfigError, ExperimentConfig
+
+if TYPE_CHECKING:  # imported where used: harness.cli writes the exit status before torch is imported
+    from accelerate import Accelerator
 
 LOCK_FILE = ".harness.lock"
 PROBE_PREFIX = ".harness-probe-"
@@ -60,6 +61,8 @@ class RunDirectory:
         lock_fd, holder = None, None
         if accelerator.is_main_process:
             lock_fd, holder = _lock(path)
+        from accelerate.utils import broadcast_object_list
+
         refusal = None
         if holder is not None:
             refusal = (f"output_dir {path} is in use by another run ({holder}); wait for it to end, or choose another "
@@ -86,6 +89,8 @@ class RunDirectory:
 
 def _check_shared(path: Path, accelerator: Accelerator) -> None:
     """Rank 0 writes a probe into output_dir; every rank must read it back there."""
+    from accelerate.utils import broadcast_object_list, gather_object
+
     if accelerator.num_processes == 1:
         return
     name = None
@@ -123,6 +128,19 @@ def _lock(path: Path) -> tuple[int | None, str | None]:
         except (ValueError, KeyError, TypeError):
             return None, "a run still setting up"
     return fd, None
+
+
+def write_exit_status(output_dir: str | Path, status: str, code: int) -> None:
+    """<output_dir>/exit_status.json, from the main process (RANK 0): how the run ended, for batch scripts.
+
+    Launchers (torchrun, accelerate launch) turn any failing worker into their own exit code 1, so a SLURM
+    script reads this file to tell a preemption (requeue it) from a failure (do not)."""
+    if os.environ.get("RANK", "0") != "0" or not os.path.isdir(output_dir):
+        return
+    path = os.path.join(output_dir, EXIT_STATUS_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"status": status, "exit_code": code, "time": time.time()}, f)
+    os.replace(path + ".tmp", path)
 
 
 def _completed(path: Path) -> str | None:

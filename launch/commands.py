@@ -9,8 +9,9 @@ WORLD_SIZE/RANK/LOCAL_RANK):
 * cpu N: `torchrun --nproc_per_node N`, GPUs hidden (CUDA_VISIBLE_DEVICES=""). The harness builds
   Accelerator(cpu=True), which forms a gloo world inside any torchrun-style launch. Not `accelerate launch --cpu --num_processes N` and not a MULTI_CPU
   accelerate config: both start ONE process (MULTI_CPU multi-process needs mpirun).
-* gpus N: `accelerate launch` with multi_gpu.yaml (default.yaml for one process in all). With no GPUs on
-  the node it becomes `cpu N`: same world, and torchrun names what actually happens.
+* gpus N: `accelerate launch` with multi_gpu.yaml; one process in all is the entry itself (`python ...`, no
+  launcher between it and the signals that preempt it). With no GPUs on the node it becomes `cpu N`: same
+  world, and torchrun names what actually happens.
 * zero1|zero2|zero3|zero3-offload N: `accelerate launch` with configs/accelerate/zero*.yaml. Accelerate's
   DeepSpeed path starts N torchrun-style processes on CPU-only machines too (N ranks seen for N = 2, 3),
   so the same command serves GPUs and the CPU tests. Across nodes we pass `--deepspeed_multinode_launcher
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from launch.slurm import LaunchError, count_device_list, placement_from_env
 
@@ -34,7 +35,6 @@ ZERO_CONFIGS = {
     "zero3-offload": f"{ACCELERATE_CONFIG_DIR}/zero3_offload.yaml",
 }
 MULTI_GPU_CONFIG = f"{ACCELERATE_CONFIG_DIR}/multi_gpu.yaml"
-ONE_PROCESS_CONFIG = f"{ACCELERATE_CONFIG_DIR}/default.yaml"
 INTENTS = ("debug", "cpu", "gpus", *ZERO_CONFIGS)
 
 DEBUG_OVERRIDES = (
@@ -115,6 +115,8 @@ def build_command(request: Request, env: Mapping[str, str], host: Host) -> Comma
         if request.intent == "gpus":
             command.notes.insert(0, f"no GPUs on this node: starting {nproc} CPU gloo processes per node instead")
         return command
+    if request.intent == "gpus" and nproc * place.nodes == 1:
+        return _one_process_command(request, env, place)
     command = _accelerate_command(request, place, nproc)
     if request.intent in ZERO_CONFIGS and place.gpus_per_node == 0 and "DS_ACCELERATOR" not in env:
         # accelerate launch imports DeepSpeed, which otherwise warns it is "unable to detect" an accelerator.
@@ -213,12 +215,19 @@ def _torchrun_command(request: Request, env: Mapping[str, str], place: Placement
     return command
 
 
+def _one_process_command(request: Request, env: Mapping[str, str], place: Placement) -> Command:
+    """One GPU: the entry itself, no launcher in between, so that a signal (SLURM's TERM at preemption) reaches
+    it alone and it has the time it needs to checkpoint: accelerate launch's one-process launcher kills its
+    process 5 s after a TERM. With --max-restarts, torchrun: something must restart it (30 s after a TERM)."""
+    if request.max_restarts:
+        return _torchrun_command(request, env, replace(place, gpus_per_node=0), 1)
+    return Command(["python", request.script, *request.script_args],
+                   notes=["gpus: one process in all, started directly (no launcher)"])  # fmt: skip
+
+
 def _accelerate_command(request: Request, place: Placement, nproc: int) -> Command:
     total = nproc * place.nodes
-    if request.intent == "gpus":
-        config = ONE_PROCESS_CONFIG if total == 1 else MULTI_GPU_CONFIG
-    else:
-        config = ZERO_CONFIGS[request.intent]
+    config = MULTI_GPU_CONFIG if request.intent == "gpus" else ZERO_CONFIGS[request.intent]
     argv = ["accelerate", "launch", "--config_file", config, "--num_processes", str(total)]
     if place.nodes > 1:
         argv += ["--num_machines", str(place.nodes), "--machine_rank", str(place.node_rank)]

@@ -1,14 +1,13 @@
 """Shared test helpers: run the real entry points in real processes on tiny models and small data.
 
-`run_harness` forks its processes from the session's forkserver (tests/ranks.py: imports paid once);
-`run_accelerate` and the launcher tests start real launchers, where the launcher is what is tested."""
+`run_harness` forks its processes from the session's forkserver (tests/ranks.py: imports paid once); the launcher
+tests start real launchers, where the launcher is what is tested."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -86,23 +85,6 @@ def deepspeed_env(stage: int, config_file: Path | None = None) -> dict[str, str]
     flags = ["--use_deepspeed", "--zero_stage", str(stage), "--num_machines", "1", "--mixed_precision", "no",
              "--dynamo_backend", "no", *(["--deepspeed_config_file", str(config_file)] if config_file else [])]  # fmt: skip
     return accelerate_deepspeed_env(flags, num_processes=2)
-
-
-def run_accelerate(
-    config: Path,
-    *overrides: str,
-    launch_args: list[str],
-    entry: Path = TRAIN,
-    timeout: int = 300,
-    check: bool = True,
-) -> subprocess.CompletedProcess:
-    """Run an entry point (harness/train.py by default) under `accelerate launch <launch_args>` from the repo root."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "--main_process_port", str(free_port()),
-           str(entry), "--config", str(config), *overrides]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc
 
 
 free_port = ranks.free_port

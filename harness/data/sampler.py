@@ -167,6 +167,8 @@ class EpochPlanner:
 
     def steps_left(self, epoch: int, position: int, exclude: list[int] | None, epochs: int) -> int:
         """Steps from `position` of `epoch` to the end of the last epoch (planned: with a token budget the epochs'
-        sizes differ)."""
+        sizes differ); 0 once `epoch` is past the last (a checkpoint of the last step)."""
+        if epoch >= epochs:
+            return 0
         left = len(self.plan(epoch, exclude)) - position
         return left + sum(len(self.plan(later)) for later in range(epoch + 1, epochs))

@@ -64,8 +64,10 @@ class Task(Protocol):
     def loss_sum(self, setup: TaskSetup, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         """The micro-batch's summed (not averaged) loss."""
 
-    def evaluate(self, setup: TaskSetup, model: torch.nn.Module, split: str) -> Evaluation:
-        """The named split's scores (and predictions), identical on every rank."""
+    def evaluate(self, setup: TaskSetup, model: torch.nn.Module, split: str,
+                 interrupt: Callable[[], None] | None = None) -> Evaluation:  # fmt: skip
+        """The named split's scores (and predictions), identical on every rank; `interrupt` is called before
+        each batch on every rank (collective) and may stop the evaluation by raising."""
 
     def summary(self, scores: dict) -> str:
         """The scores in one log line."""

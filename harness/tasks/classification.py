@@ -105,13 +105,14 @@ class ClassificationTask:
     def loss_sum(self, setup: ClassificationSetup, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         return setup.objective.loss_sum(model(**model_inputs(batch)).logits, batch["labels"])
 
-    def evaluate(self, setup: ClassificationSetup, model: torch.nn.Module, split: str) -> Evaluation:
+    def evaluate(self, setup: ClassificationSetup, model: torch.nn.Module, split: str,
+                 interrupt: Callable[[], None] | None = None) -> Evaluation:  # fmt: skip
         cfg = self.cfg
         windows = setup.windows.get(split)
         data = windows.split if windows else setup.splits[split]
         logits = gather_example_records(
             model, data, setup.collator, setup.accelerator, cfg.eval.batch_size, logits_of, cfg.data.num_workers,
-            setup.place.pin_memory,
+            setup.place.pin_memory, interrupt,
         )["logits"]  # fmt: skip
         if windows:
             logits = pool_windows(logits, windows.document, windows.documents, cfg.eval.window_pooling)

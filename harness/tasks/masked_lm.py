@@ -7,6 +7,7 @@ world size and accumulation; a resumed run masks the same tokens; validation mas
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -171,10 +172,11 @@ class MaskedLMTask:
     def loss_sum(self, setup: MaskedLMSetup, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         return F.cross_entropy(predicted_logits(model, batch), batch["targets"], reduction="sum")
 
-    def evaluate(self, setup: MaskedLMSetup, model: torch.nn.Module, split: str) -> Evaluation:
+    def evaluate(self, setup: MaskedLMSetup, model: torch.nn.Module, split: str,
+                 interrupt: Callable[[], None] | None = None) -> Evaluation:  # fmt: skip
         records = gather_example_records(
             model, setup.splits[split], self.collator(setup, split, EVAL_EPOCH), setup.accelerator,
-            self.cfg.eval.batch_size, masked_lm_scores, self.cfg.data.num_workers, setup.place.pin_memory,
+            self.cfg.eval.batch_size, masked_lm_scores, self.cfg.data.num_workers, setup.place.pin_memory, interrupt,
         )  # fmt: skip
         predicted = records["predicted"].sum()
         loss = float(records["loss_sum"].sum() / predicted)

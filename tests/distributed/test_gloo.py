@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, read_metrics, read_results, run_accelerate, run_harness, tiny_config
+from tests.conftest import read_metrics, read_results, run_harness, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -66,13 +66,6 @@ def test_same_update_however_a_step_is_split(tmp_path):
     for other in ("w2xa1", "w1xa2"):
         for key, reference in weights["w1xa1"].items():
             torch.testing.assert_close(weights[other][key], reference, rtol=1e-5, atol=2e-6, msg=f"{other} {key}")
-
-
-def test_accelerate_launch_cpu_config_forms_two_gloo_ranks(tmp_path):
-    config = tiny_config(tmp_path, train={"max_steps": 6, "batch_size": 8})
-    run_accelerate(config, launch_args=["--config_file", str(ROOT / "configs" / "accelerate" / "cpu_gloo.yaml")])
-    results = read_results(tmp_path / "run")
-    assert results["world_size"] == 2 and results["optimizer_steps"] == 6
 
 
 def test_token_budget_batches_give_the_same_update_however_a_step_is_split(tmp_path):

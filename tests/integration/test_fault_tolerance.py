@@ -106,13 +106,12 @@ def test_signal_checkpoints_and_exits_with_requeue_code(config, tmp_path, sig):
 
 def test_corrupted_newest_checkpoint_is_skipped_for_the_previous_one(config, tmp_path):
     out = tmp_path / "run"
-    run_harness(config, f"output_dir={out}", "train.max_steps=13", "checkpoint.keep_last=3")
+    run_harness(config, f"output_dir={out}", "train.max_steps=13", "checkpoint.keep_last=3")  # saves 8, 12, 13
     (out / "exit_status.json").unlink()  # as if the run had been killed after its last checkpoint
-    newest = out / "checkpoints" / "step-0000012"
-    weights = newest / "state" / "model.safetensors"
+    weights = out / "checkpoints" / "step-0000013" / "state" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated, as by a crash mid-copy
-    partial = out / "checkpoints" / "step-0000013"
-    partial.mkdir()  # a folder without its manifest: a save that never finished
+    partial = out / "checkpoints" / "step-0000012"
+    (partial / "manifest.json").unlink()  # a folder without its manifest: a save that never finished
     proc = run_harness(config, f"output_dir={out}", "train.max_steps=14")
     assert f"skipping checkpoint: {partial}: incomplete" in proc.stderr
     assert f"skipping checkpoint: {weights}: checksum mismatch" in proc.stderr
@@ -227,6 +226,43 @@ def test_a_signal_during_validation_or_a_checkpoint_write_lets_it_finish_then_st
     verify_checkpoint(out / "checkpoints" / f"step-{step:07d}")  # complete: manifest written last
     run_harness(config, f"output_dir={out}", nproc=2)
     assert read_results(out)["resumed_from_step"] == step
+
+
+def test_a_signal_during_the_final_test_stops_and_the_requeued_run_only_finishes(config, tmp_path):
+    # The last step's checkpoint is written before the finish; TERM during the test stops it at the next test
+    # batch. Rank 0 pauses before writing the "preempted" status: rank 1 must still be waiting for it then (a
+    # launcher would kill rank 0 as soon as rank 1 exits, before the status that requeues the job).
+    out = tmp_path / "run"
+    proc = start_harness(config, f"output_dir={out}", nproc=2, env_extra={"HARNESS_INJECT_PAUSE": "test:3"})
+    wait_for_pause(proc, "test")
+    proc.send_signal(signal.SIGTERM)
+    done = proc.wait(timeout=60)
+    assert done.returncode == 75, done.stderr[-3000:]
+    rows = read_metrics(out)
+    total = rows[0]["total_steps"]
+    preempted = next(r for r in rows if r["event"] == "preempted")
+    assert preempted["phase"] == "finish" and preempted["step"] == total
+    assert [r["reason"] for r in rows if r["event"] == "checkpoint"][-1] == "last step"
+    assert json.loads((out / "exit_status.json").read_text())["status"] == "preempted"
+    assert not (out / "results.json").exists()
+    trained = [r["step"] for r in rows if r["event"] == "train"]
+
+    run_harness(config, f"output_dir={out}", nproc=2)  # the requeued run: the finish alone
+    results = read_results(out)
+    assert results["resumed_from_step"] == total and results["optimizer_steps"] == total
+    assert results["test"]["samples"] == 101
+    assert [r["step"] for r in read_metrics(out) if r["event"] == "train"] == trained, "nothing trained again"
+
+
+def test_the_preempted_status_is_written_before_any_rank_exits(config, tmp_path):
+    out = tmp_path / "run"
+    proc = start_harness(config, f"output_dir={out}", nproc=2, env_extra={"HARNESS_INJECT_PAUSE": "status:3"})
+    wait_for(out, lambda r: r["event"] == "train" and r["step"] >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    wait_for_pause(proc, "status")  # rank 0, about to write the status
+    assert proc.processes[1].exitcode is None, "rank 1 exited before the status was written"
+    assert proc.wait(timeout=60).returncode == 75
+    assert json.loads((out / "exit_status.json").read_text())["status"] == "preempted"
 
 
 # ---- non-finite gradients, one run per folder, a finished run, a shared folder --------------------------

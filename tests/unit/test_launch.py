@@ -14,7 +14,6 @@ from launch.commands import (
     DEBUG_OVERRIDES,
     INTENTS,
     MULTI_GPU_CONFIG,
-    ONE_PROCESS_CONFIG,
     ZERO_CONFIGS,
     Command,
     Host,
@@ -105,7 +104,12 @@ def test_gpus_is_accelerate_ddp_with_one_process_per_visible_gpu():
     ]  # fmt: skip
     assert command("gpus", host=GPU_HOST).argv[5] == "8"
     assert command("gpus", env={"CUDA_VISIBLE_DEVICES": "0,1,2"}, host=GPU_HOST).argv[5] == "3"
-    assert command("gpus", 1, host=GPU_HOST).argv[3] == ONE_PROCESS_CONFIG
+    # One GPU: the entry itself, nothing between it and a preemption's TERM (accelerate launch's one-process
+    # launcher would SIGKILL it 5 s later); with restarts, torchrun restarts it.
+    assert command("gpus", 1, host=GPU_HOST).argv == ["python", "harness/train.py", *ENTRY]
+    restarting = command("gpus", 1, host=GPU_HOST, max_restarts=2)
+    assert restarting.argv[:5] == ["torchrun", "--nproc_per_node", "1", "--max-restarts", "2"]
+    assert "CUDA_VISIBLE_DEVICES" not in restarting.env
 
 
 def test_gpus_without_gpus_runs_cpu_gloo_processes():
@@ -382,7 +386,7 @@ def _load_yaml(path):
 
 
 def test_every_intent_has_its_config_files():
-    for config in [MULTI_GPU_CONFIG, ONE_PROCESS_CONFIG, *ZERO_CONFIGS.values()]:
+    for config in [MULTI_GPU_CONFIG, *ZERO_CONFIGS.values()]:
         assert (ROOT / config).is_file(), config
     assert set(INTENTS) == {"debug", "cpu", "gpus", "zero1", "zero2", "zero3", "zero3-offload"}
     names = {p.name for p in ACCELERATE_CONFIGS}
