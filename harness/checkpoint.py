@@ -284,17 +284,27 @@ def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def find_resume_checkpoint(checkpoints_dir: Path, warn) -> tuple[Path, dict] | None:
-    """The newest intact checkpoint; broken or incomplete ones are skipped with a warning naming them."""
+def find_resume_checkpoint(checkpoints_dir: Path, warn, accept=None) -> tuple[Path, dict] | None:
+    """The newest intact checkpoint (whose manifest `accept` takes, if given); broken or incomplete ones are
+    skipped with a warning naming them."""
     candidates = (
         [p for p in checkpoints_dir.iterdir() if p.name.startswith(STEP_DIR_PREFIX)] if checkpoints_dir.is_dir() else []
     )
     for path in sorted(candidates, key=lambda p: p.name, reverse=True):
+        if accept is not None and not _manifest_accepted(path, accept):
+            continue
         try:
             return path, verify_checkpoint(path)
         except CheckpointError as exc:
             warn(f"skipping checkpoint: {exc}")
     return None
+
+
+def _manifest_accepted(path: Path, accept) -> bool:
+    try:
+        return bool(accept(json.loads((path / MANIFEST).read_text())))
+    except (OSError, ValueError):
+        return True  # unreadable: verify_checkpoint names the problem
 
 
 def prune_checkpoints(checkpoints_dir: Path, keep_last: int, protected_steps: set[int]) -> None:
@@ -363,30 +373,81 @@ def layout_list(layout: StepLayout) -> list[int]:
 class ResumePoint:
     path: Path
     manifest: dict
+    replaces_run: bool = False
+    """The run's files in output_dir (RUN_FILES) are replaced, as a fresh start's are: overwrite=true with
+    checkpoint.resume=<folder>, or a restart whose first attempt wrote files but no checkpoint of its own."""
 
 
-def find_resume_point(cfg: ExperimentConfig, warn) -> ResumePoint | None:
-    """Decide between a fresh start and a resume, refusing anything that would lose a user's files: the
-    checkpoint named by checkpoint.resume, or (auto) the newest intact one in output_dir, or None for a fresh
-    start into an empty (or overwritable) output_dir."""
+def find_resume_point(cfg: ExperimentConfig, warn, job: str | None = None, restart: int = 0,
+                      last_job: str | None = None) -> ResumePoint | None:  # fmt: skip
+    """Decide between a fresh start and a resume, refusing anything that would lose a user's files or mix two
+    runs in one folder. Called on the main process only (`decide_resume` shares the answer).
+
+    A restart of a job (`restart` > 0: a SLURM requeue, a torchrun restart) resumes from the newest intact
+    checkpoint that job wrote, whatever overwrite and checkpoint.resume say: those apply to the job's first
+    attempt, and a restart must never discard its own work. Otherwise, or when the job has no checkpoint yet:
+    the checkpoint named by checkpoint.resume, or (auto) the newest intact one in output_dir, or None for a
+    fresh start into an empty (or overwritable) output_dir. `last_job` is the job that last ran in output_dir
+    (its lock file's record): a restart may replace the files its own first attempt wrote."""
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError([f"output_dir {out}: exists and is not a folder"])
+    own_files = restart > 0 and job is not None and last_job == job
+    if restart > 0 and job is not None:
+        found = find_resume_checkpoint(out / "checkpoints", warn, lambda manifest: manifest.get("job") == job)
+        if found is not None:
+            warn(f"restart {restart} of job {job}: resuming from its own newest checkpoint {found[0]} "
+                 "(overwrite and checkpoint.resume apply to a job's first attempt only)")  # fmt: skip
+            return ResumePoint(*found)
+    overwrite = cfg.overwrite or own_files
+    not_empty = out.is_dir() and any(not is_bookkeeping(p) for p in out.iterdir())
     resume = cfg.checkpoint.resume
-    if resume not in ("auto", "none") and not cfg.overwrite:
+    if resume not in ("auto", "none"):
+        path = Path(resume)
         try:
-            return ResumePoint(Path(resume), verify_checkpoint(Path(resume)))
+            manifest = verify_checkpoint(path)
         except CheckpointError as exc:
             raise ConfigError([f"checkpoint.resume: {exc}"]) from exc
-    if resume == "auto" and not cfg.overwrite:
+        inside = path.resolve().is_relative_to((out / "checkpoints").resolve())
+        if inside and cfg.overwrite and not own_files:
+            raise ConfigError([f"checkpoint.resume={resume} with overwrite=true: overwrite would delete that "
+                               f"checkpoint with the rest of {out}; drop overwrite=true to resume this run, or "
+                               "resume it into another output_dir"])  # fmt: skip
+        if not_empty and not inside and not overwrite:
+            raise ConfigError([f"checkpoint.resume={resume}: output_dir {out} holds another run; resuming into it "
+                               "would mix the two. Choose an empty output_dir, or pass overwrite=true to replace "
+                               "that run's files"])  # fmt: skip
+        return ResumePoint(path, manifest, replaces_run=overwrite and not inside)
+    if resume == "auto" and not overwrite:
         found = find_resume_checkpoint(out / "checkpoints", warn)
         if found is not None:
             return ResumePoint(*found)
-    if out.is_dir() and any(not is_bookkeeping(p) for p in out.iterdir()) and not cfg.overwrite:
+    if not_empty and not overwrite:
         raise ConfigError(
             [f"output_dir {out}: not empty and holds no checkpoint to resume; pass overwrite=true to replace it"]
         )
     return None
+
+
+def decide_resume(cfg: ExperimentConfig, accelerator: Accelerator, place: RunPlace, warn,
+                  last_job: str | None) -> ResumePoint | None:  # fmt: skip
+    """`find_resume_point`, decided once: the main process chooses and verifies the checkpoint (reading it
+    whole for its checksums) and every rank takes its answer, or its refusal. Ranks deciding alone could
+    resume from different steps after one of them met a transient read error, and each would read every file."""
+    from accelerate.utils import broadcast_object_list
+
+    answer: tuple[ResumePoint | None, list[str] | None] = (None, None)
+    if place.is_main:
+        try:
+            answer = (find_resume_point(cfg, warn, place.job, place.restart, last_job), None)
+        except ConfigError as exc:
+            answer = (None, exc.problems)
+    if place.world_size > 1:
+        [answer] = broadcast_object_list([answer])
+    resume, problems = answer
+    if problems is not None:
+        raise ConfigError(problems)
+    return resume
 
 
 class CheckpointManager:
@@ -504,7 +565,7 @@ class CheckpointManager:
         state.window_loss_per_rank, state.window_weight = window.per_rank(), window.weight
         manifest = {"epoch": state.epoch, "position": state.position, "world_size": self.place.world_size,
                     "reason": reason, "config_fingerprint": self.cfg.fingerprint(), "model": self.cfg.model.name_or_path,
-                    "zero_stage": self.place.zero_stage}  # fmt: skip
+                    "zero_stage": self.place.zero_stage, "job": self.place.job}  # fmt: skip
         extra = {BEST_IN_CHECKPOINT: self.best_weights} if self.best_weights is not None else None
         path = save_checkpoint(self.accelerator, self.dir, state.step, state.to_json(), manifest, extra)
         if self.place.is_main:

@@ -11,8 +11,10 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -422,6 +424,10 @@ class RunPlace:
     fast_cpu_dropout: bool
     """The CPU speed path (train.fast_cpu_dropout): on CPU only, and not under torch.compile (compiled graphs
     draw their own masks)."""
+    job: str | None
+    """The job this process belongs to across its restarts (`job_attempt`); None outside SLURM and torchrun."""
+    restart: int
+    """0 for a job's first attempt; how many times it was restarted (SLURM requeue, torchrun --max-restarts)."""
 
     @classmethod
     def of(cls, accelerator: Accelerator, cfg: ExperimentConfig, precision: str) -> RunPlace:
@@ -442,6 +448,7 @@ class RunPlace:
             pad_multiple=8 if on_gpu else None,
             pin_memory=on_gpu,
             fast_cpu_dropout=device.type == "cpu" and cfg.train.fast_cpu_dropout and not cfg.train.compile,
+            **dict(zip(("job", "restart"), job_attempt(os.environ), strict=True)),
         )
 
     def record(self) -> dict[str, Any]:
@@ -453,6 +460,22 @@ class RunPlace:
         return (f"world size {self.world_size} ({self.distributed_type}, {self.backend or 'no backend'}) on "
                 f"{self.device} ({self.threads} thread{'s' if self.threads != 1 else ''} per process), "
                 f"precision {self.precision}{tf32}")  # fmt: skip
+
+
+def job_attempt(env: Mapping[str, str]) -> tuple[str | None, int]:
+    """(the job, its restart count) from the launch environment: a SLURM job keeps its id across requeues
+    (SLURM_RESTART_COUNT counts them); torchrun restarts its workers under the same agent
+    (TORCHELASTIC_RESTART_COUNT), identified by its rendezvous id or, with the static rendezvous ("none"), by the
+    agent's host and pid (the workers' parent; under accelerate launch, its process, which runs the agent)."""
+    restart = sum(int(env.get(name, "0") or 0) for name in ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"))
+    if env.get("SLURM_JOB_ID"):
+        return f"slurm:{env['SLURM_JOB_ID']}", restart
+    if "TORCHELASTIC_RESTART_COUNT" in env:
+        run_id = env.get("TORCHELASTIC_RUN_ID", "none")
+        return (
+            f"torchrun:{run_id}" if run_id != "none" else f"torchrun:{socket.gethostname()}:{os.getppid()}"
+        ), restart
+    return None, restart
 
 
 def torch_optimizer(optimizer) -> torch.optim.Optimizer:

@@ -25,7 +25,7 @@ from harness.checkpoint import (
     CheckpointManager,
     ResumePoint,
     TrainState,
-    find_resume_point,
+    decide_resume,
     layout_list,
 )
 from harness.config import ConfigError, ExperimentConfig
@@ -119,9 +119,10 @@ def setup(cfg: ExperimentConfig, task: Task) -> Run:
     quiet_library_progress_bars()
     stop = StopRequest().install()  # phase setup: a signal stops the run at once
     accelerator, place = build_accelerator(cfg)
-    rundir = RunDirectory.claim(cfg, accelerator)  # one shared folder, one run in it, a finished run left alone
+    # One shared folder, one run in it, a finished run left alone; then the start decided once, by rank 0.
+    rundir = RunDirectory.claim(cfg, accelerator, place.job)
     early_warnings: list[str] = []
-    resume = find_resume_point(cfg, early_warnings.append)
+    resume = decide_resume(cfg, accelerator, place, early_warnings.append, rundir.last_job)
     out = Path(cfg.output_dir)
     log = RunLog(out, place.is_main, place.rank, cfg.logging.progress)
     slow_precision = precision_warning(place.device, place.precision)
@@ -204,7 +205,7 @@ def setup(cfg: ExperimentConfig, task: Task) -> Run:
 def start_run_files(cfg, accelerator, place, out: Path, resume, checkpoints, log: RunLog, state: TrainState) -> None:
     """Written only now, after every input has been checked: a fresh run replaces the previous run's files; a
     resumed one loads its checkpoint and drops what the interrupted run logged after it."""
-    if resume is None:
+    if resume is None or resume.replaces_run:
         if place.is_main:
             out.mkdir(parents=True, exist_ok=True)
             for name in RUN_FILES:
@@ -212,7 +213,8 @@ def start_run_files(cfg, accelerator, place, out: Path, resume, checkpoints, log
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
             (out / "config.yaml").write_text(cfg.to_yaml())
         accelerator.wait_for_everyone()
-        return
+        if resume is None:
+            return
     checkpoints.load(resume)
     if place.is_main:
         out.mkdir(parents=True, exist_ok=True)  # resuming from checkpoint.resume=<folder> into a new run

@@ -14,7 +14,6 @@ Each refusal is a `RunDirectoryError` on every rank (exit code 2) before any wor
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import secrets
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from harness.config import ConfigError, ExperimentConfig
+from harness.locking import LockingUnsupported, try_lock
 
 if TYPE_CHECKING:  # imported where used: harness.cli writes the exit status before torch is imported
     from accelerate import Accelerator
@@ -53,14 +53,18 @@ class RunDirectory:
     path: Path
     lock_fd: int | None
     """rank 0's open lock file (the flock lives as long as it is open); None on other ranks."""
+    job: str | None = None
+    """This run's job (RunPlace.job), written into the lock file by `announce`."""
+    last_job: str | None = None
+    """The job of the run that last held the lock (rank 0 only): a restarted job finds its own first attempt."""
 
     @classmethod
-    def claim(cls, cfg: ExperimentConfig, accelerator: Accelerator) -> RunDirectory:
+    def claim(cls, cfg: ExperimentConfig, accelerator: Accelerator, job: str | None = None) -> RunDirectory:
         path = Path(cfg.output_dir)
         _check_shared(path, accelerator)
-        lock_fd, holder = None, None
+        lock_fd, holder, last = None, None, {}
         if accelerator.is_main_process:
-            lock_fd, holder = _lock(path)
+            lock_fd, holder, last = _lock(path)
         from accelerate.utils import broadcast_object_list
 
         refusal = None
@@ -74,7 +78,7 @@ class RunDirectory:
             if lock_fd is not None:
                 os.close(lock_fd)
             raise RunDirectoryError(refusal)
-        return cls(path, lock_fd)
+        return cls(path, lock_fd, job, last.get("job"))
 
     def announce(self) -> None:
         """Write who holds the lock (host, pid, start time, command) into the lock file: what a second run reports.
@@ -82,7 +86,7 @@ class RunDirectory:
         if self.lock_fd is None:
             return
         holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                  "command": " ".join(sys.argv)}  # fmt: skip
+                  "command": " ".join(sys.argv), "job": self.job}  # fmt: skip
         os.ftruncate(self.lock_fd, 0)
         os.pwrite(self.lock_fd, json.dumps(holder).encode(), 0)
 
@@ -113,21 +117,29 @@ def _check_shared(path: Path, accelerator: Accelerator) -> None:
         )
 
 
-def _lock(path: Path) -> tuple[int | None, str | None]:
-    """(the locked file's descriptor, None), or (None, who holds it) when another run does."""
+def _lock(path: Path) -> tuple[int | None, str | None, dict]:
+    """(the locked file's descriptor, None, what the last holder recorded), or (None, who holds it, {}) when
+    another run does. Where the file system has no flock, the file is kept open unlocked, with a warning: two runs
+    into one folder are then not stopped here, while the shared-folder check (`_check_shared`) still holds."""
     path.mkdir(parents=True, exist_ok=True)
     fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        content = os.pread(fd, 4096, 0).decode(errors="replace")
-        os.close(fd)
-        try:
-            holder = json.loads(content)
-            return None, f"pid {holder['pid']} on {holder['host']}, started {holder['started']}: {holder['command']}"
-        except (ValueError, KeyError, TypeError):
-            return None, "a run still setting up"
-    return fd, None
+        locked = try_lock(fd, path / LOCK_FILE)
+    except LockingUnsupported as exc:
+        print(f"warning: {exc}; a second run into output_dir {path} will not be refused", file=sys.stderr, flush=True)
+        locked = True
+    content = os.pread(fd, 4096, 0).decode(errors="replace")
+    try:
+        record = json.loads(content) if content else {}
+    except ValueError:
+        record = {}
+    if locked:
+        return fd, None, record if isinstance(record, dict) else {}
+    os.close(fd)
+    try:
+        return None, f"pid {record['pid']} on {record['host']}, started {record['started']}: {record['command']}", {}
+    except (KeyError, TypeError):
+        return None, "a run still setting up", {}
 
 
 def write_exit_status(output_dir: str | Path, status: str, code: int) -> None:

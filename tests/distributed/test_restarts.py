@@ -1,6 +1,7 @@
 """In-job restarts for real: `python -m launch cpu 2 --max-restarts 1` (torchrun's elastic agent underneath), one
 rank SIGKILLed mid-run; the restarted group resumes from the newest checkpoint and ends with the weights of an
-uninterrupted run, bit for bit."""
+uninterrupted run, bit for bit. The job's command says overwrite=true, as users pass it to replace an earlier run
+in the folder: that applies to the job's first attempt, never to its restart."""
 
 import json
 import subprocess
@@ -22,11 +23,13 @@ def test_a_crashed_rank_is_restarted_and_the_job_ends_as_if_uninterrupted(tmp_pa
                          train={"epochs": 1, "batch_size": 8}, checkpoint={"every_steps": 9},
                          logging={"every_steps": 1, "progress": "plain"})  # fmt: skip
     reference, restarted = tmp_path / "reference", tmp_path / "restarted"
+    restarted.mkdir()
+    (restarted / "results.json").write_text("{}")  # an earlier run's, which overwrite=true replaces
     # The uninterrupted reference runs (forked) while the launched job starts.
     reference_run = start_harness(config, f"output_dir={reference}", nproc=2)
     launcher = subprocess.Popen(
         [sys.executable, "-m", "launch", "cpu", "2", "--max-restarts", "1", "--port", str(free_port()), "--",
-         "--config", str(config), f"output_dir={restarted}"],
+         "--config", str(config), f"output_dir={restarted}", "overwrite=true"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     metrics = restarted / "metrics.jsonl"

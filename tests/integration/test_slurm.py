@@ -55,7 +55,10 @@ def test_preempted_job_checkpoints_requeues_resumes_and_matches_an_uninterrupted
         train={"epochs": 2, "batch_size": 8},
         checkpoint={"every_steps": 10},
     )
-    job = submit(slurm_cluster, tmp_path, "slurm/train.sbatch", str(config))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text("{}")  # an earlier run's, which overwrite=true replaces once
+    # overwrite=true applies to the job's first start: the requeued job resumes from its own checkpoint.
+    job = submit(slurm_cluster, tmp_path, "slurm/train.sbatch", str(config), "overwrite=true")
     # The reference: the same 2-rank run, uninterrupted, forked beside the job (the launchers are not what it checks).
     reference = start_harness(config, f"output_dir={tmp_path / 'ref'}", nproc=2)
     metrics = tmp_path / "run" / "metrics.jsonl"

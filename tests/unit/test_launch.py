@@ -499,3 +499,7 @@ def test_sbatch_scripts_log_where_they_are_submitted_and_give_the_step_its_cpus(
     if script == "train.sbatch":  # the others exec it
         srun = next(line for line in text.splitlines() if line.startswith("srun "))
         assert '--cpus-per-task="$SLURM_CPUS_PER_TASK"' in srun
+        # The user's overrides come last and alone: an override appended after them (checkpoint.resume=auto, as
+        # the script once did) would silently replace the user's checkpoint.resume=<folder>.
+        step = text[text.index("srun ") : text.index("step=$!")]
+        assert step.rstrip().endswith('--config "$config" "$@" &'), step
