@@ -205,7 +205,10 @@ def keep_freed_cpu_memory() -> bool:
     step (a 16 x 12 x 256 x 256 attention tensor is 48 MiB), so each one is mapped afresh and page-faulted in,
     zeroed, 4 KiB at a time: measured on MiniLM (2-core CPU, lengths up to 256), that was a fifth of the step.
     With mmap off and trimming effectively off, freed blocks are reused instead; the process keeps its peak
-    footprint until it exits (threads' arenas still fall back to mmap for blocks their heaps cannot hold)."""
+    footprint until it exits (threads' arenas still fall back to mmap for blocks their heaps cannot hold).
+
+    Called once setup is done (`setup` in harness/loop.py), after `release_setup_memory`: otherwise every rank
+    would keep its setup's peak (the raw texts) for the whole run."""
     import ctypes
     import ctypes.util
 
@@ -218,6 +221,23 @@ def keep_freed_cpu_memory() -> bool:
         libc.mallopt(param, value) == 1
         for param, value in ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 256 * 2**20))
     )
+
+
+def release_setup_memory() -> None:
+    """Give back what reading and tokenizing the data freed (the raw texts are freed as their last reference
+    goes): Arrow's memory pool (jemalloc or mimalloc keep freed pages for reuse) and glibc's free heap
+    (malloc_trim). What stays is the model, the optimizer and the token ids, which are views into the
+    memory-mapped tokenization cache."""
+    import ctypes
+    import ctypes.util
+
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def native_cpu_bf16() -> bool:
@@ -323,8 +343,6 @@ def build_accelerator(cfg: ExperimentConfig) -> tuple[Accelerator, RunPlace]:
     precision = resolve_precision(cfg.train.precision, on_gpu)
     if not on_gpu:
         set_cpu_threads(cfg.runtime.cpu_threads)
-        if cfg.runtime.keep_freed_cpu_memory:
-            keep_freed_cpu_memory()
         # DeepSpeed (imported by Accelerate on some paths) probes for accelerators and warns "Setting accelerator
         # to CPU ... unable to detect it" in every process when none is found; on a CPU run that is the answer.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -424,6 +442,8 @@ class RunPlace:
     fast_cpu_dropout: bool
     """The CPU speed path (train.fast_cpu_dropout): on CPU only, and not under torch.compile (compiled graphs
     draw their own masks)."""
+    keep_freed_memory: bool
+    """On CPU, keep freed memory for reuse once setup is done (runtime.keep_freed_cpu_memory)."""
     job: str | None
     """The job this process belongs to across its restarts (`job_attempt`); None outside SLURM and torchrun."""
     restart: int
@@ -448,6 +468,7 @@ class RunPlace:
             pad_multiple=8 if on_gpu else None,
             pin_memory=on_gpu,
             fast_cpu_dropout=device.type == "cpu" and cfg.train.fast_cpu_dropout and not cfg.train.compile,
+            keep_freed_memory=device.type == "cpu" and cfg.runtime.keep_freed_cpu_memory,
             **dict(zip(("job", "restart"), job_attempt(os.environ), strict=True)),
         )
 

@@ -38,12 +38,17 @@ def injected_faults() -> Faults:
     return Faults(_steps(NAN_STEPS_ENV), _steps(NAN_GRAD_STEPS_ENV), _steps(NAN_EVAL_STEPS_ENV))
 
 
-def pause(phase: str) -> None:
-    """HARNESS_INJECT_PAUSE=phase:seconds (setup, validation, checkpoint, test, status): sleep that long there, once the
-    phase's work is under way, announcing it on stderr, so a test can signal the run in that phase."""
+_paused: set[str] = set()
+
+
+def pause(phase: str, once: bool = False) -> None:
+    """HARNESS_INJECT_PAUSE=phase:seconds (setup, tokenize, train, validation, checkpoint, test, status): sleep that
+    long there, once the phase's work is under way, announcing it on stderr, so a test can signal the run in that
+    phase (with `once`, only the first time the process gets there)."""
     spec = os.environ.get(PAUSE_ENV, "")
     name, _, seconds = spec.partition(":")
-    if name == phase and seconds:
+    if name == phase and seconds and not (once and phase in _paused):
+        _paused.add(phase)
         print(f"fault injection: pausing {seconds} s in {phase}", file=sys.stderr, flush=True)
         time.sleep(float(seconds))
 

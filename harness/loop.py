@@ -40,8 +40,10 @@ from harness.distributed import (
     build_accelerator,
     deepspeed_grad_norm,
     deepspeed_overflow,
+    keep_freed_cpu_memory,
     memory_report,
     precision_warning,
+    release_setup_memory,
     torch_optimizer,
 )
 from harness.evaluation import BestSoFar
@@ -196,6 +198,9 @@ def setup(cfg: ExperimentConfig, task: Task) -> Run:
                  f"(the training split's mean length, {train_split.lengths.mean():.0f} tokens)")  # fmt: skip
         log.record("flops", per_token=per_token, per_sample=per_sample, dense_weights=flop_counter.dense,
                    head_weights=flop_counter.head)  # fmt: skip
+    release_setup_memory()  # the raw texts, and what tokenizing them took
+    if place.keep_freed_memory:
+        keep_freed_cpu_memory()
     meter = ThroughputMeter(flop_counter, peak, peak_source)
     validator = Validator(cfg, task, ctx, checkpoints, log, meter)
     return Run(cfg, task, ctx, accelerator, place, log, out, model, optimizer, scheduler, state, planner,
@@ -262,6 +267,7 @@ def train(r: Run) -> None:
     checkpoint. The loss of a step is normalised over all of it (every micro-batch on every rank)."""
     cfg, state, model, log = r.cfg, r.state, r.model, r.log
     faults = injected_faults()
+    pause("train")  # fault injection for tests and benchmarks/setup_memory.py: setup done, no step taken
     model.train()
     log.start_progress(r.total_steps)
     log.advance(state.step, r.total_steps, None)
@@ -470,6 +476,9 @@ def finish(r: Run) -> dict:
             test = r.task.evaluate(r.ctx, r.model, "test", interrupt=lambda: r.checkpoints.stop_if_signalled(state))
         final_scores["test"] = test.scores
         log.record("eval", split="test", step=best.step, **test.scores)
+        if test.scores.get("labelled") is False:
+            log.info(f"the test split has no labels: {test.scores['samples']} predictions in {r.out / PREDICTIONS_FILE}, "
+                     "no test metrics")  # fmt: skip
         if test.predictions is not None and r.place.is_main:
             write_predictions(r.out / PREDICTIONS_FILE, test.predictions)
     log.metrics_table("best model" if best.value is not None else "final model", final_scores)

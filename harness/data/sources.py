@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from harness.config import ExperimentConfig
+from harness.locking import held
 
 FILE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".json")
 SPLITS = ("train", "test")
@@ -44,6 +45,9 @@ class LabelledTexts:
     """[rows, data.feature_columns] float32: numeric columns read beside the text (for multimodal models)."""
     pairs: list[str] | None = None
     """The second text of each row's pair (data.text_pair_column), or None for single texts."""
+    labelled: bool = True
+    """False for a test split published without its labels (GLUE's test splits: label -1 everywhere): its labels
+    are UNLABELLED, and it gets predictions but no metrics."""
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -52,7 +56,7 @@ class LabelledTexts:
         features = self.features[np.asarray(indices, dtype=np.int64)] if self.features is not None else None
         pairs = [self.pairs[i] for i in indices] if self.pairs is not None else None
         return LabelledTexts([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.origin,
-                             features, pairs)  # fmt: skip
+                             features, pairs, self.labelled)  # fmt: skip
 
     def content_hash(self) -> str:
         """Hash of texts, pairs and labels: part of the tokenization cache key."""
@@ -192,14 +196,19 @@ def _texts(values: Sequence[Any], origin: str, column: str) -> list[str]:
     return list(values)
 
 
-def _check_rows(columns: dict[str, Sequence[Any]], spec: TableSpec, origin: str) -> LabelledTexts:
-    """A table's columns (by name) checked and turned into LabelledTexts."""
+def _check_rows(columns: dict[str, Sequence[Any]], spec: TableSpec, origin: str, may_be_unlabelled: bool = False
+                ) -> LabelledTexts:  # fmt: skip
+    """A table's columns (by name) checked and turned into LabelledTexts; with `may_be_unlabelled`, a split whose
+    every label is missing (-1 or null, as hubs publish test splits) is read as unlabelled."""
     texts = _texts(columns[spec.text_column], origin, spec.text_column)
     if len(texts) == 0:
         raise DataError(f"{origin}: the split is empty")
     pairs = _texts(columns[spec.text_pair_column], origin, spec.text_pair_column) if spec.text_pair_column else None
     label_columns = [columns[name] for name in (spec.label_columns or (spec.label_column,))]
-    split = LabelledTexts(texts, _targets(label_columns, spec, origin), origin, pairs=pairs)
+    if may_be_unlabelled and all(value is None or value == UNLABELLED for column in label_columns for value in column):
+        split = LabelledTexts(texts, [UNLABELLED] * len(texts), origin, pairs=pairs, labelled=False)
+    else:
+        split = LabelledTexts(texts, _targets(label_columns, spec, origin), origin, pairs=pairs)
     if spec.feature_columns:
         split.features = _check_features([columns[c] for c in spec.feature_columns], spec.feature_columns, origin)
     return split
@@ -227,10 +236,10 @@ def _read_table(path: Path, columns: Sequence[str]) -> dict[str, list[Any]]:
     """The named columns of a Parquet, CSV or JSON (lines) file."""
     import pandas as pd  # pandas (with pyarrow) reads all three formats and reports their parse errors well
 
+    if path.suffix == ".parquet":
+        return _read_parquet(path, columns)
     try:
-        if path.suffix == ".parquet":
-            frame = pd.read_parquet(path)
-        elif path.suffix == ".csv":
+        if path.suffix == ".csv":
             frame = pd.read_csv(path, keep_default_na=False)
         else:
             frame = pd.read_json(path, lines=path.suffix == ".jsonl")
@@ -240,6 +249,24 @@ def _read_table(path: Path, columns: Sequence[str]) -> dict[str, list[Any]]:
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; found {list(frame.columns)} (data.*_column sets them)")
     return {c: frame[c].tolist() for c in columns}
+
+
+def _read_parquet(path: Path, columns: Sequence[str]) -> dict[str, list[Any]]:
+    """The named columns of a Parquet file, read by pyarrow alone: only those columns, straight into Python
+    values (through pandas, every text would also pass through an object column: a third copy of the split)."""
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+        missing = [c for c in columns if c not in schema.names]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {missing}; found {schema.names} (data.*_column sets them)")
+        table = pq.read_table(path, columns=list(dict.fromkeys(columns)))
+    except DataError:
+        raise
+    except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
+        raise DataError(f"{path}: cannot read it as parquet: {exc}") from exc
+    return {c: table.column(c).to_pylist() for c in columns}
 
 
 def _find_split_file(folder: Path, split: str, required: bool = True) -> Path | None:
@@ -308,25 +335,57 @@ def load_path_splits(path: str, spec: TableSpec, splits: Sequence[str] = SPLITS)
 # ----------------------------------------------------------------------------------------------------
 
 
-def load_hub_splits(dataset: str, config: str | None, split_names: dict[str, str], spec: TableSpec
-                    ) -> dict[str, LabelledTexts]:  # fmt: skip
-    """`split_names` maps our split (train, test, validation) to the dataset's; columns are checked by name."""
+def split_base(spec: str) -> str:
+    """The split a `datasets` split spec reads from: `train` of `train[:10%]` or `train[100:200]`."""
+    return spec.split("[", 1)[0].strip()
+
+
+def _hub_tables(dataset: str, config: str | None, specs: dict[str, str], lock_dir: Path | None) -> dict:
+    """`datasets` tables of a hub dataset by our split name, from split specs (a name, or a slice such as
+    `train[:10%]`). Only the splits named are downloaded and prepared (their data files, where the dataset lists
+    them per split: `load_dataset` alone prepares every split). Every process may call it at once: under a lock
+    in `lock_dir` the first downloads and the others then read the `datasets` cache."""
     import datasets
 
-    try:
-        hub = datasets.load_dataset(dataset, config)
-    except Exception as exc:  # network, missing repository, unknown config: datasets raises many kinds
-        raise DataError(f"data.dataset {dataset!r}{f' ({config})' if config else ''}: cannot load it: {exc}") from exc
+    where = f"data.dataset {dataset!r}{f' ({config})' if config else ''}"
+    lock = (
+        Path(lock_dir or ".").expanduser()
+        / f"hub-{hashlib.sha256(f'{dataset}|{config}'.encode()).hexdigest()[:16]}.lock"
+    )
+    with held(lock, f"the download of {where}"):
+        try:
+            builder = datasets.load_dataset_builder(dataset, config)
+        except Exception as exc:  # network, missing repository, unknown config: datasets raises many kinds
+            raise DataError(f"{where}: cannot load it: {exc}") from exc
+        files = builder.config.data_files or {}
+        available = sorted(files) if files else sorted(builder.info.splits or {})
+        for ours, theirs in specs.items():
+            if split_base(theirs) not in available:
+                raise DataError(f"{dataset}: no split {split_base(theirs)!r} (data.{ours}_split={theirs}); it has "
+                                f"{available}")  # fmt: skip
+        needed = sorted({split_base(theirs) for theirs in specs.values()})
+        only = {"data_files": {name: files[name] for name in needed}} if files else {}
+        tables = {}
+        for ours, theirs in specs.items():
+            try:
+                tables[ours] = datasets.load_dataset(dataset, config, split=theirs, **only)
+            except Exception as exc:  # a bad slice, a file that cannot be read
+                raise DataError(f"{dataset}[{theirs}]: cannot load it: {exc}") from exc
+    return tables
+
+
+def load_hub_splits(dataset: str, config: str | None, split_names: dict[str, str], spec: TableSpec,
+                    lock_dir: Path | None = None) -> dict[str, LabelledTexts]:  # fmt: skip
+    """`split_names` maps our split (train, test, validation) to the dataset's split spec (`_hub_tables`);
+    columns are checked by name. A test split without labels is read as unlabelled."""
     loaded = {}
-    for ours, theirs in split_names.items():
-        origin = f"{dataset}[{theirs}]"
-        if theirs not in hub:
-            raise DataError(f"{dataset}: no split {theirs!r} (data.{ours}_split); it has {sorted(hub)}")
-        missing = [c for c in spec.columns if c not in hub[theirs].column_names]
+    for ours, table in _hub_tables(dataset, config, split_names, lock_dir).items():
+        origin = f"{dataset}[{split_names[ours]}]"
+        missing = [c for c in spec.columns if c not in table.column_names]
         if missing:
-            raise DataError(f"{origin}: missing column(s) {missing}; found {hub[theirs].column_names} "
+            raise DataError(f"{origin}: missing column(s) {missing}; found {table.column_names} "
                             "(data.*_column sets them)")  # fmt: skip
-        loaded[ours] = _check_rows({c: hub[theirs][c] for c in spec.columns}, spec, origin)
+        loaded[ours] = _check_rows({c: table[c] for c in spec.columns}, spec, origin, may_be_unlabelled=ours == "test")
     return loaded
 
 
@@ -360,9 +419,7 @@ def load_unlabelled_split(cfg: ExperimentConfig) -> LabelledTexts | None:
     if d.source in ("synthetic", "hub"):
         return None
     if d.source == "imdb":
-        import datasets
-
-        hub = datasets.load_dataset(IMDB_HUB, split="unsupervised")
+        hub = _hub_tables(IMDB_HUB, None, {"unlabelled": "unsupervised"}, Path(d.cache_dir))["unlabelled"]
         return _unlabelled(hub[d.text_column], f"{IMDB_HUB}[unsupervised]")
     folder = Path(d.path or "").expanduser()
     root = _aclimdb_root(folder)
@@ -393,4 +450,4 @@ def load_raw_splits(cfg: ExperimentConfig, splits: Sequence[str] = SPLITS) -> di
     names = {ours: theirs for ours, theirs in names.items() if ours in splits}
     if d.validation_split and "test" in splits:
         names["validation"] = d.validation_split
-    return load_hub_splits(dataset, d.dataset_config if d.source == "hub" else None, names, spec)
+    return load_hub_splits(dataset, d.dataset_config if d.source == "hub" else None, names, spec, Path(d.cache_dir))

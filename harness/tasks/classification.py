@@ -62,14 +62,14 @@ class ClassificationTask:
             fields = field_collators(cfg.model.modalities)
         texts = prepare_text_splits(cfg)
         token_types = takes_token_types(tokenizer, model)
-        with accelerator.main_process_first():  # rank 0 fills the tokenization cache; the others then read it
-            splits = {name: tokenize_split(split, tokenizer, cfg.data, token_types=token_types)
-                      for name, split in texts.items()}  # fmt: skip
-            windows = {}
-            if cfg.eval.long_documents == "windows":
-                encoder = TextEncoder.of(tokenizer, cfg.data)
-                windows = {name: windowed(tokenize_split(texts[name], tokenizer, cfg.data, full=True), encoder,
-                                          cfg.eval.window_stride) for name in ("validation", "test")}  # fmt: skip
+        # Every rank at once: one fills each cache entry under its lock, the others wait for it and read it.
+        splits = {name: tokenize_split(split, tokenizer, cfg.data, token_types=token_types)
+                  for name, split in texts.items()}  # fmt: skip
+        windows = {}
+        if cfg.eval.long_documents == "windows":
+            encoder = TextEncoder.of(tokenizer, cfg.data)
+            windows = {name: windowed(tokenize_split(texts[name], tokenizer, cfg.data, full=True), encoder,
+                                      cfg.eval.window_stride) for name in ("validation", "test")}  # fmt: skip
         mean, std = target_statistics(splits["train"].labels) if cfg.task.problem_type == "regression" else (0.0, 1.0)
         objective = Objective(cfg.task.problem_type, tuple(labels), cfg.eval.threshold,
                               class_weights(cfg, splits["train"].labels, len(labels)), mean, std)  # fmt: skip
@@ -117,6 +117,8 @@ class ClassificationTask:
         if windows:
             logits = pool_windows(logits, windows.document, windows.documents, cfg.eval.window_pooling)
         labels = setup.splits[split].labels
+        if not setup.splits[split].labelled:  # a test split published without labels: predictions only
+            return Evaluation({"samples": len(labels), "labelled": False}, setup.objective.predictions(logits))
         scores = {**setup.objective.scores(logits, labels), "samples": len(labels)}
         if windows:
             scores["windows"] = len(windows.document)

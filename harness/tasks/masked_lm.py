@@ -149,11 +149,11 @@ class MaskedLMTask:
         cfg = self.cfg
         tokenizer, model = load_model(cfg.model, "masked-lm", seed=cfg.seed)
         texts = prepare_pretraining_splits(cfg)
-        with accelerator.main_process_first():  # rank 0 fills the tokenization cache; the others then read it
-            splits = {
-                name: tokenize_split(split, tokenizer, cfg.data, with_word_ids=cfg.mlm.whole_word_masking)
-                for name, split in texts.items()
-            }
+        # Every rank at once: one fills each cache entry under its lock, the others wait for it and read it.
+        splits = {
+            name: tokenize_split(split, tokenizer, cfg.data, with_word_ids=cfg.mlm.whole_word_masking)
+            for name, split in texts.items()
+        }
         maskers = {name: WholeWordMasker(cfg.mlm, cfg.seed, tokenizer, split) for name, split in splits.items()}
         return MaskedLMSetup(tokenizer, model, splits, accelerator, place, None, None, maskers)
 

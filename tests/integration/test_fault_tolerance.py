@@ -192,6 +192,17 @@ def wait_for_pause(proc: Ranks, phase: str, timeout: float = 60) -> None:
         time.sleep(0.02)
 
 
+def test_ranks_wait_for_a_long_tokenization_beyond_the_collective_timeout(config, tmp_path):
+    # One rank tokenizes (its first split takes 3 s here) while the other waits for the cache entry's lock, not in
+    # a collective: a collective would have failed after runtime.collective_timeout_s (2 s).
+    out = tmp_path / "run"
+    proc = run_harness(config, f"output_dir={out}", "train.max_steps=2", "runtime.collective_timeout_s=2", nproc=2,
+                       env_extra={"HARNESS_INJECT_PAUSE": "tokenize:3"}, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("pausing 3 s in tokenize") == 1  # the rank that tokenized; the other read its cache
+    assert read_results(out)["world_size"] == 2
+
+
 def test_a_signal_before_the_first_step_exits_at_once_with_the_requeue_code(config, tmp_path):
     out = tmp_path / "run"
     proc = start_harness(config, f"output_dir={out}", env_extra={"HARNESS_INJECT_PAUSE": "setup:20"})

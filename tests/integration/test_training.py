@@ -18,6 +18,34 @@ def test_early_stopping_and_best_model_selection(tmp_path):
     assert "early stopping" in proc.stdout
     evals = [r["step"] for r in read_metrics(tmp_path / "run") if r["event"] == "eval" and r["split"] == "validation"]
     assert evals == [2, 4, 6]
+    # Killed during its finish (no status, no results): the same command resumes from the last step's checkpoint
+    # into the finish alone; early stopping still holds, nothing trains again.
+    for name in ("exit_status.json", "results.json"):
+        (tmp_path / "run" / name).unlink()
+    run_harness(config)
+    again = read_results(tmp_path / "run")
+    assert again["resumed_from_step"] == 6 and again["optimizer_steps"] == 6 and again["best"]["step"] == 2
+    assert again["test"] == results["test"]
+
+
+def test_a_test_split_without_labels_gets_predictions_and_no_metrics(tmp_path):
+    import pandas as pd
+
+    repo = tmp_path / "glue-like"
+    (repo / "data").mkdir(parents=True)
+    words = ["great", "awful", "fine", "dull", "superb", "bad"]
+    for split, n, labelled in (("train", 60, True), ("validation", 12, True), ("test", 9, False)):
+        texts = [f"a {words[i % 6]} film number {i}" for i in range(n)]
+        labels = [int(words[i % 6] in ("great", "fine", "superb")) if labelled else -1 for i in range(n)]
+        pd.DataFrame({"sentence": texts, "label": labels}).to_parquet(repo / "data" / f"{split}-00000-of-00001.parquet")
+    config = tiny_config(tmp_path, data={"source": "hub", "dataset": str(repo), "text_column": "sentence",
+                                         "validation_split": "validation"}, train={"max_steps": 4})  # fmt: skip
+    proc = run_harness(config)
+    results = read_results(tmp_path / "run")
+    assert results["test"] == {"samples": 9, "labelled": False} and "loss" in results["best"]["validation"]
+    assert "the test split has no labels: 9 predictions" in proc.stdout
+    rows = (tmp_path / "run" / "test_predictions.jsonl").read_text().splitlines()
+    assert len(rows) == 9 and all('"prediction"' in row and '"label"' not in row for row in rows)
 
 
 def test_augmented_training_learns_is_reproducible_and_leaves_evaluation_alone(tmp_path):

@@ -126,16 +126,29 @@ def test_a_local_folder_laid_out_like_a_hub_dataset_loads_through_the_hub_path(t
         pd.DataFrame({"content": texts[:n], "stars": [i % 2 for i in range(n)]}).to_parquet(
             repo / "data" / f"{split}-00000-of-00001.parquet"
         )
-    cfg = load_config(tiny_config(tmp_path, data={"source": "hub", "dataset": str(repo)}),
-                      ["data.text_column=content", "data.label_column=stars", "data.validation_split=validation"])  # fmt: skip
-    splits = prepare_text_splits(cfg)
+    # A split no run here asks for, which cannot be read: only the splits in use are prepared.
+    (repo / "data" / "unused-00000-of-00001.parquet").write_bytes(b"not parquet")
+    columns = ["data.text_column=content", "data.label_column=stars"]
+
+    def splits_of(*overrides):
+        return prepare_text_splits(load_config(tiny_config(tmp_path, data={"source": "hub", "dataset": str(repo)}),
+                                               [*columns, *overrides]))  # fmt: skip
+
+    splits = splits_of("data.validation_split=validation")
     assert [len(splits[s]) for s in ("train", "validation", "test")] == [30, 5, 6]
-    assert splits["test"].origin == f"{repo}[test]"
-    with pytest.raises(
-        DataError, match=r"no split 'dev' \(data.test_split\); it has \['test', 'train', 'validation'\]"
-    ):
-        prepare_text_splits(load_config(tiny_config(tmp_path, data={"source": "hub", "dataset": str(repo)}),
-                                        ["data.text_column=content", "data.label_column=stars", "data.test_split=dev"]))  # fmt: skip
+    assert splits["test"].origin == f"{repo}[test]" and splits["test"].labelled
+    # A split spec with a slice, as `datasets` reads it.
+    sliced = splits_of("data.validation_split=validation", "data.train_split=train[:50%]", "data.test_split=test[:3]")
+    assert len(sliced["train"]) == 15 and len(sliced["test"]) == 3
+    with pytest.raises(DataError, match=r"no split 'dev' \(data.test_split=dev\); it has \['test', 'train', 'unused', "
+                                        r"'validation'\]"):  # fmt: skip
+        splits_of("data.test_split=dev")
+    # A test split published without labels (label -1, as GLUE's): predictions only. Elsewhere -1 is an error.
+    pd.DataFrame({"content": texts[:6], "stars": [-1] * 6}).to_parquet(repo / "data" / "test-00000-of-00001.parquet")
+    unlabelled = splits_of("data.validation_split=validation")["test"]
+    assert not unlabelled.labelled and set(unlabelled.labels) == {-1} and len(unlabelled) == 6
+    with pytest.raises(DataError, match=r"\[test\], row 0: column 'stars': label -1 is not in the label set"):
+        splits_of("data.validation_split=test", "data.test_split=validation")
 
 
 def test_windows_cover_every_token_of_a_long_text(tokenizer, tmp_path):
