@@ -184,6 +184,12 @@ def model_class(kind: ModelKind, config, trust_remote_code: bool = False) -> typ
         from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
         cls = get_class_from_dynamic_module(custom, config._name_or_path)
+        if kind != "masked-lm":  # (its sparse subclass lives in this module, whose code is not the model's)
+            # Exports carry the code: save_pretrained copies a class's module files into the folder, and points
+            # config.json's auto_map at them, only for classes registered with an Auto class.
+            cls.register_for_auto_class(AUTO_CLASSES[kind])
+            if type(config).__module__.startswith("transformers_modules"):
+                type(config).register_for_auto_class("AutoConfig")
     elif type(config) in mapping:
         cls = mapping[type(config)]
     else:

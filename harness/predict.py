@@ -90,8 +90,10 @@ def read_jsonl(path: str, fields: tuple[str, ...], pair_fields: tuple[str, ...])
     return texts, pairs or None
 
 
-def load_classifier(model_dir: str | Path, device: str | None = None):
-    """Tokenizer and model from a folder, in eval mode on `device` (default: cuda if available, else cpu)."""
+def load_classifier(model_dir: str | Path, device: str | None = None, trust_remote_code: bool = False):
+    """Tokenizer and model from a folder, in eval mode on `device` (default: cuda if available, else cpu);
+    `trust_remote_code` runs the code a folder ships (its config's auto_map), as a run with
+    model.trust_remote_code exports it."""
     import torch
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -107,9 +109,12 @@ def load_classifier(model_dir: str | Path, device: str | None = None):
     transformers.utils.logging.disable_progress_bar()  # the weight-loading bar would interleave with our output
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
+        if "trust_remote_code" in str(exc) and not trust_remote_code:
+            raise PredictError(f"--model {path}: the model ships its own code (its config.json's auto_map); read "
+                               "it, then pass --trust-remote-code to run it") from exc  # fmt: skip
         raise PredictError(f"--model {path}: cannot load a classifier from it: {exc}") from exc
     return tokenizer, model.to(device).eval()
 
@@ -202,6 +207,7 @@ def predict(
     pairs: list[str] | None = None,
     long: str | None = None,
     stride: int | None = None,
+    trust_remote_code: bool = False,
 ) -> list[dict]:
     """Classify `texts` with the model in `model_dir`, read as its export says (see `classify`); `long`
     ("truncate" or "windows"), `stride`, `max_length` and `batch_size` override it."""
@@ -209,7 +215,7 @@ def predict(
 
     if not texts:
         raise PredictError("no texts to classify")
-    tokenizer, model = load_classifier(model_dir, device)
+    tokenizer, model = load_classifier(model_dir, device, trust_remote_code)
     try:
         spec = ServingSpec.read(Path(model_dir))
     except ValueError as exc:
@@ -266,6 +272,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "whose logits are pooled (default: as the run read them)")  # fmt: skip
     parser.add_argument("--stride", type=int, help="with --long windows: tokens shared by neighbouring windows")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the code the model folder ships (a run trained with model.trust_remote_code)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.texts and args.file:
         parser.error("give texts as arguments or with --file, not both")
@@ -307,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         check_model_dir(args.model)  # before reading stdin, so a wrong path does not wait for input
         texts, pairs = gather_inputs(args)
         predictions = predict(texts, args.model, args.batch_size, args.max_length, args.device, pairs, args.long,
-                              args.stride)  # fmt: skip
+                              args.stride, args.trust_remote_code)  # fmt: skip
     except PredictError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT

@@ -119,3 +119,26 @@ def test_bad_input_exits_2_naming_the_problem(best, tmp_path):
         proc = predict_cli(*args)
         assert proc.returncode == 2, (args, proc.stderr)
         assert message in proc.stderr and proc.stdout == "", (args, proc.stderr)
+
+
+def test_a_model_that_ships_its_own_code_exports_it_and_serves_with_trust_remote_code(tmp_path):
+    from transformers import pipeline
+
+    from tests.remote_code import write_remote_code_model
+
+    model = write_remote_code_model(tmp_path / "remote")
+    config = tiny_config(tmp_path, model={"name_or_path": str(model), "trust_remote_code": True},
+                         train={"max_steps": 3})  # fmt: skip
+    run_harness(config)
+    best = tmp_path / "run" / "best"
+    # The export carries the code its config.json names, so it loads anywhere, from the folder alone.
+    assert {"configuration_tiny_remote.py", "modeling_tiny_remote.py"} <= {p.name for p in best.iterdir()}
+    auto_map = json.loads((best / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForSequenceClassification"] == "modeling_tiny_remote.TinyRemoteForSequenceClassification"
+    classify = pipeline("text-classification", model=str(best), trust_remote_code=True)
+    assert type(classify.model).__name__ == "TinyRemoteForSequenceClassification"
+    proc = predict_cli("--model", str(best), "--jsonl", "--trust-remote-code", POSITIVE)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["label"] == classify(POSITIVE)[0]["label"]
+    refused = predict_cli("--model", str(best), POSITIVE)
+    assert refused.returncode == 2 and "pass --trust-remote-code to run it" in refused.stderr, refused.stderr
