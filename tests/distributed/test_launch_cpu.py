@@ -1,5 +1,6 @@
 """The launchers for real: `python -m launch cpu 1 --nodes 2` (two "nodes" on one machine, torchrun underneath)
-and `python -m launch zero2 2` (accelerate launch with a DeepSpeed config) train as real gloo worlds.
+trains as one gloo world. `python -m launch zero2 2` (accelerate launch with a DeepSpeed config) is run for real
+by tests/distributed/test_launcher_signals.py.
 
 Every other distributed test forks its ranks from the test session's forkserver (tests/ranks.py); these are
 the ones where the launcher is the point."""
@@ -72,22 +73,3 @@ def test_two_launchers_form_one_world_across_two_nodes(tmp_path):
     assert setup["world_size"] == 2 and setup["backend"] == "gloo"
     # 239 examples, 2 ranks x 8 per micro-batch: 14 full steps of 16 and a tail of 15.
     assert results["optimizer_steps"] == 15
-
-
-def test_launch_zero2_2_trains_under_deepspeed_with_world_size_2(tmp_path):
-    pytest.importorskip("deepspeed", reason="needs the deepspeed package")
-    cmd = [
-        sys.executable, "-m", "launch", "zero2", "2", "--port", str(free_port()), "--",
-        "--config", "configs/quickstart.yaml", f"output_dir={tmp_path / 'run'}", "train.max_steps=6",
-        f"data.cache_dir={tmp_path / 'cache'}", "logging.progress=plain",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    argv = printed_command(proc.stderr, "--config_file")
-    assert argv[argv.index("--config_file") + 1] == "configs/accelerate/zero2.yaml"
-    assert argv[argv.index("--num_processes") + 1] == "2"
-    assert "world size 2 (DEEPSPEED, gloo)" in proc.stdout
-    results = read_results(tmp_path / "run")
-    assert results["world_size"] == 2 and results["optimizer_steps"] == 6
-    # A plain CPU or DeepSpeed run does not print DeepSpeed's accelerator-detection warning in every process.
-    assert "Setting accelerator to CPU" not in proc.stdout + proc.stderr
