@@ -30,7 +30,7 @@ from harness.data.sampler import EpochPlanner, StepLayout
 from harness.distributed import EXIT_REQUEUE, Preempted, RunPlace, StopRequest
 from harness.evaluation import BestSoFar
 from harness.faults import pause
-from harness.rundir import is_bookkeeping, write_exit_status
+from harness.rundir import EXIT_STATUS_FILE, is_bookkeeping, remove_run_files, write_exit_status
 from harness.serving import ServingSpec
 
 
@@ -379,27 +379,38 @@ class ResumePoint:
 
 
 def find_resume_point(cfg: ExperimentConfig, warn, job: str | None = None, restart: int = 0,
-                      last_job: str | None = None) -> ResumePoint | None:  # fmt: skip
+                      last: dict | None = None) -> ResumePoint | None:  # fmt: skip
     """Decide between a fresh start and a resume, refusing anything that would lose a user's files or mix two
     runs in one folder. Called on the main process only (`decide_resume` shares the answer).
 
     A restart of a job (`restart` > 0: a SLURM requeue, a torchrun restart) resumes from the newest intact
     checkpoint that job wrote, whatever overwrite and checkpoint.resume say: those apply to the job's first
-    attempt, and a restart must never discard its own work. Otherwise, or when the job has no checkpoint yet:
-    the checkpoint named by checkpoint.resume, or (auto) the newest intact one in output_dir, or None for a
-    fresh start into an empty (or overwritable) output_dir. `last_job` is the job that last ran in output_dir
-    (its lock file's record): a restart may replace the files its own first attempt wrote."""
+    attempt, and a restart must never discard its own work. A restart with no checkpoint of its own starts as its
+    first attempt did, which `last` (what the folder's lock file says the last run recorded: its job and its
+    start) tells. Otherwise: the checkpoint named by checkpoint.resume, or (auto) the newest intact one in
+    output_dir, or None for a fresh start into an empty (or overwritable) output_dir."""
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError([f"output_dir {out}: exists and is not a folder"])
-    own_files = restart > 0 and job is not None and last_job == job
     if restart > 0 and job is not None:
         found = find_resume_checkpoint(out / "checkpoints", warn, lambda manifest: manifest.get("job") == job)
         if found is not None:
             warn(f"restart {restart} of job {job}: resuming from its own newest checkpoint {found[0]} "
                  "(overwrite and checkpoint.resume apply to a job's first attempt only)")  # fmt: skip
             return ResumePoint(*found)
-    overwrite = cfg.overwrite or own_files
+        first = (last or {}) if (last or {}).get("job") == job else {}
+        if first.get("start") == "fresh":  # its own files (config.yaml, metrics.jsonl) and nothing else to keep
+            warn(f"restart {restart} of job {job}: no checkpoint of its own yet; starting afresh, as its first "
+                 "attempt did")  # fmt: skip
+            return None
+        if first.get("start"):  # its first attempt resumed from this checkpoint: again
+            path = Path(first["start"])
+            warn(f"restart {restart} of job {job}: no checkpoint of its own yet; resuming from {path}, as its first "
+                 "attempt did")  # fmt: skip
+            try:
+                return ResumePoint(path, verify_checkpoint(path))
+            except CheckpointError as exc:
+                raise ConfigError([f"restart {restart} of job {job}: its first attempt resumed from {exc}"]) from exc
     not_empty = out.is_dir() and any(not is_bookkeeping(p) for p in out.iterdir())
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "none"):
@@ -409,20 +420,20 @@ def find_resume_point(cfg: ExperimentConfig, warn, job: str | None = None, resta
         except CheckpointError as exc:
             raise ConfigError([f"checkpoint.resume: {exc}"]) from exc
         inside = path.resolve().is_relative_to((out / "checkpoints").resolve())
-        if inside and cfg.overwrite and not own_files:
+        if inside and cfg.overwrite:
             raise ConfigError([f"checkpoint.resume={resume} with overwrite=true: overwrite would delete that "
                                f"checkpoint with the rest of {out}; drop overwrite=true to resume this run, or "
                                "resume it into another output_dir"])  # fmt: skip
-        if not_empty and not inside and not overwrite:
+        if not_empty and not inside and not cfg.overwrite:
             raise ConfigError([f"checkpoint.resume={resume}: output_dir {out} holds another run; resuming into it "
                                "would mix the two. Choose an empty output_dir, or pass overwrite=true to replace "
                                "that run's files"])  # fmt: skip
-        return ResumePoint(path, manifest, replaces_run=overwrite and not inside)
-    if resume == "auto" and not overwrite:
+        return ResumePoint(path, manifest, replaces_run=cfg.overwrite)
+    if resume == "auto" and not cfg.overwrite:
         found = find_resume_checkpoint(out / "checkpoints", warn)
         if found is not None:
             return ResumePoint(*found)
-    if not_empty and not overwrite:
+    if not_empty and not cfg.overwrite:
         raise ConfigError(
             [f"output_dir {out}: not empty and holds no checkpoint to resume; pass overwrite=true to replace it"]
         )
@@ -430,24 +441,37 @@ def find_resume_point(cfg: ExperimentConfig, warn, job: str | None = None, resta
 
 
 def decide_resume(cfg: ExperimentConfig, accelerator: Accelerator, place: RunPlace, warn,
-                  last_job: str | None) -> ResumePoint | None:  # fmt: skip
+                  last: dict | None) -> ResumePoint | None:  # fmt: skip
     """`find_resume_point`, decided once: the main process chooses and verifies the checkpoint (reading it
-    whole for its checksums) and every rank takes its answer, or its refusal. Ranks deciding alone could
-    resume from different steps after one of them met a transient read error, and each would read every file."""
+    whole for its checksums) and every rank takes its answer, or its refusal, or its failure. Ranks deciding alone
+    could resume from different steps after one of them met a transient read error, and each would read every
+    file."""
     from accelerate.utils import broadcast_object_list
 
-    answer: tuple[ResumePoint | None, list[str] | None] = (None, None)
+    answer: tuple[ResumePoint | None, list[str] | None, str | None] = (None, None, None)
+    failure: Exception | None = None
     if place.is_main:
         try:
-            answer = (find_resume_point(cfg, warn, place.job, place.restart, last_job), None)
+            answer = (find_resume_point(cfg, warn, place.job, place.restart, last), None, None)
         except ConfigError as exc:
-            answer = (None, exc.problems)
+            answer = (None, exc.problems, None)
+        except Exception as exc:  # noqa: BLE001  (the other ranks must not wait for an answer that never comes)
+            answer, failure = (None, None, f"rank 0 failed to decide where the run starts: {exc!r}"), exc
     if place.world_size > 1:
         [answer] = broadcast_object_list([answer])
-    resume, problems = answer
+    resume, problems, failed = answer
+    if failure is not None:
+        raise failure
+    if failed is not None:
+        raise RuntimeError(failed)
     if problems is not None:
         raise ConfigError(problems)
     return resume
+
+
+def start_description(resume: ResumePoint | None) -> str:
+    """How a run starts, as the lock file records it for a restart to replay: "fresh", or the checkpoint."""
+    return "fresh" if resume is None else str(resume.path.resolve())
 
 
 class CheckpointManager:
@@ -546,9 +570,11 @@ class CheckpointManager:
         where = f"checkpoint {path} written" if path is not None else "stopped"
         self.log.info(f"{self.stop.signal_name}: {where} {seconds:.1f} s after the signal; "
                       f"exiting with code {EXIT_REQUEUE} (run the same command to resume)")  # fmt: skip
-        self.log.record("preempted", step=state.step, signal=self.stop.signal_name, phase=self.stop.phase,
+        self.log.record("preempted", step=state.step, signal=self.stop.signal_name, stopped_in=self.stop.phase,
                         seconds_to_checkpoint=round(seconds, 3))  # fmt: skip
         if self.place.is_main:
+            if path is None and state.step == 0:  # an evaluate-only run: nothing to resume, so it starts afresh
+                remove_run_files(self.out, keep=(EXIT_STATUS_FILE,))
             pause("status")  # fault injection for tests: the other ranks must still be waiting here
             write_exit_status(self.out, "preempted", EXIT_REQUEUE)
         self.accelerator.wait_for_everyone()

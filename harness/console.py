@@ -47,6 +47,8 @@ class RunLog:
         self._task = None
         self._start = time.monotonic()
         self._tracker: Callable[..., None] | None = None
+        self.phase: str | None = None
+        """Set to "finish" for the final export, validation and test: their rows carry it (`truncate_after`)."""
 
     def attach_tracker(self, log: Callable[..., None]) -> None:
         """Also send train / eval records to `log(values, step=...)` (Accelerator.log: the configured trackers)."""
@@ -69,7 +71,7 @@ class RunLog:
     def record(self, event: str, **values: Any) -> None:
         if not self.is_main:
             return
-        row = {"event": event, "time": round(time.time(), 3), **values}
+        row = {"event": event, "time": round(time.time(), 3), **values, **({"phase": self.phase} if self.phase else {})}
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self._tracker is not None and event in ("train", "eval"):
@@ -81,13 +83,12 @@ class RunLog:
             self._tracker(scalars, step=values["step"])
 
     def truncate_after(self, step: int) -> None:
-        """Drop rows an interrupted run logged after `step` (a resumed run logs them again), atomically."""
+        """Drop rows an interrupted run logged after `step`, and those of its finish (a resumed run logs them
+        again), atomically."""
         if not self.is_main or not self.metrics_path.is_file():
             return
-        kept = [
-            line for line in self.metrics_path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", -1) <= step
-        ]  # fmt: skip
+        rows = [(line, json.loads(line)) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        kept = [line for line, row in rows if row.get("step", -1) <= step and row.get("phase") != "finish"]
         tmp = self.metrics_path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.metrics_path)

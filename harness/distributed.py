@@ -25,6 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 
 from harness.config import ConfigError, ExperimentConfig
+from harness.rundir import TRACKER_DIR
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 FLAGS_SOURCE = "the accelerate launch DeepSpeed flags"
@@ -181,6 +182,25 @@ def usable_cores() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     allocated = os.environ.get("SLURM_CPUS_ON_NODE", "").strip()
     return min(cores, int(allocated)) if allocated.isdigit() and int(allocated) > 0 else cores
+
+
+def wait_for_everyone_untimed(accelerator: Accelerator, what: str, report_every_s: float = 60.0) -> None:
+    """A barrier with no time limit, for setup work whose length varies by rank (tokenizing on a node whose cache
+    is cold while another node's is warm): through the process group's store, polled, never a collective bounded
+    by runtime.collective_timeout_s. Says every `report_every_s` seconds how many ranks are still on `what`."""
+    if accelerator.num_processes == 1:
+        return
+    store = torch.distributed.distributed_c10d._get_default_store()
+    key = f"harness/done/{what}"
+    store.add(key, 1)
+    started = reported = time.monotonic()
+    while (arrived := store.add(key, 0)) < accelerator.num_processes:
+        now = time.monotonic()
+        if accelerator.is_main_process and now - reported >= report_every_s:
+            print(f"waiting {now - started:.0f} s for {accelerator.num_processes - arrived} rank(s) still on {what}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            reported = now
+        time.sleep(0.05)
 
 
 def set_cpu_threads(requested: int) -> int:
@@ -394,9 +414,6 @@ def build_accelerator(cfg: ExperimentConfig) -> tuple[Accelerator, RunPlace]:
         load_models_whole()
     set_seed(cfg.seed)
     return accelerator, RunPlace.of(accelerator, cfg, precision)
-
-
-TRACKER_DIR = "trackers"
 
 
 def check_trackers(names: list[str]) -> list[str]:
@@ -653,8 +670,7 @@ def deepspeed_grad_norm(accelerator: Accelerator) -> torch.Tensor | None:
     norm = accelerator.deepspeed_engine_wrapped.engine.get_global_grad_norm()
     if norm is None:
         return None
-    return (
-        norm.reshape(()).float()
-        if isinstance(norm, torch.Tensor)
-        else torch.tensor(float(norm), device=accelerator.device)
-    )
+    if not isinstance(norm, torch.Tensor):
+        return torch.tensor(float(norm), device=accelerator.device)
+    # ZeRO-3 with an offloaded optimizer computes it on the host: moved, so the step's flags share a device.
+    return norm.reshape(()).float().to(accelerator.device, non_blocking=True)

@@ -10,7 +10,6 @@ executes). `train` itself says what happens at a step.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +26,13 @@ from harness.checkpoint import (
     TrainState,
     decide_resume,
     layout_list,
+    start_description,
 )
 from harness.config import ConfigError, ExperimentConfig
 from harness.console import LossWindow, RunLog, quiet_library_progress_bars
 from harness.cpu_dropout import use_fast_cpu_dropout
 from harness.data.sampler import EpochPlanner, StepLayout, rank_micro_batches, step_example_count
 from harness.distributed import (
-    TRACKER_DIR,
     RunPlace,
     StopRequest,
     agree,
@@ -45,6 +44,7 @@ from harness.distributed import (
     precision_warning,
     release_setup_memory,
     torch_optimizer,
+    wait_for_everyone_untimed,
 )
 from harness.evaluation import BestSoFar
 from harness.faults import inject_fault, injected_faults, pause
@@ -58,15 +58,10 @@ from harness.model import (
     parameter_groups,
 )
 from harness.optim import build_optimizer, build_scheduler
-from harness.rundir import RunDirectory
+from harness.rundir import PREDICTIONS_FILE, RunDirectory, remove_run_files
 from harness.tasks import Task, TaskSetup
 from harness.tasks.classification import ClassificationTask
 from harness.throughput import ThroughputMeter, flop_counter_for, run_peak_flops
-
-PREDICTIONS_FILE = "test_predictions.jsonl"
-RUN_FILES = ("config.yaml", "metrics.jsonl", "results.json", "best", "final", "checkpoints", "exit_status.json",
-             PREDICTIONS_FILE, TRACKER_DIR)  # fmt: skip
-"""What a run writes into output_dir: a fresh run (overwrite=true) replaces exactly these, nothing else."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -124,7 +119,7 @@ def setup(cfg: ExperimentConfig, task: Task) -> Run:
     # One shared folder, one run in it, a finished run left alone; then the start decided once, by rank 0.
     rundir = RunDirectory.claim(cfg, accelerator, place.job)
     early_warnings: list[str] = []
-    resume = decide_resume(cfg, accelerator, place, early_warnings.append, rundir.last_job)
+    resume = decide_resume(cfg, accelerator, place, early_warnings.append, rundir.last)
     out = Path(cfg.output_dir)
     log = RunLog(out, place.is_main, place.rank, cfg.logging.progress)
     slow_precision = precision_warning(place.device, place.precision)
@@ -132,6 +127,9 @@ def setup(cfg: ExperimentConfig, task: Task) -> Run:
         log.warn(message)
 
     ctx = task.setup(accelerator, place)
+    # Ranks that read a warm tokenization cache wait here for those that tokenize (a node-local cache may be cold on
+    # one node only), with no time limit: the next collectives are bounded by runtime.collective_timeout_s.
+    wait_for_everyone_untimed(accelerator, "data setup")
     pause("setup")  # fault injection for tests: a signal before the first step
     limit = max_positions(ctx.model, ctx.tokenizer)
     if cfg.data.max_length > limit:
@@ -178,7 +176,7 @@ def setup(cfg: ExperimentConfig, task: Task) -> Run:
     accelerator.register_for_checkpointing(scheduler)
 
     start_run_files(cfg, accelerator, place, out, resume, checkpoints, log, state)
-    rundir.announce()
+    rundir.announce(start_description(resume))
     if cfg.logging.trackers:  # TensorBoard & co. receive every train / eval record from here on
         accelerator.init_trackers(out.name, config=flat_scalars(cfg.to_dict()))
         log.attach_tracker(accelerator.log)
@@ -213,9 +211,7 @@ def start_run_files(cfg, accelerator, place, out: Path, resume, checkpoints, log
     if resume is None or resume.replaces_run:
         if place.is_main:
             out.mkdir(parents=True, exist_ok=True)
-            for name in RUN_FILES:
-                target = out / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            remove_run_files(out)
             (out / "config.yaml").write_text(cfg.to_yaml())
         accelerator.wait_for_everyone()
         if resume is None:
@@ -453,7 +449,7 @@ def finish(r: Run) -> dict:
     results.json. The last step's checkpoint is on disk: a signal stops the finish between its parts (and
     between test batches), and the requeued run resumes into the finish alone."""
     cfg, state, log = r.cfg, r.state, r.log
-    r.stop.phase = "finish"
+    r.stop.phase = log.phase = "finish"  # the finish's rows are marked: a resumed run redoes the finish
     r.checkpoints.stop_if_signalled(state)
     if cfg.train.compile:
         log.info(f"torch.compile: {compiled_graph_count()} graph(s) compiled for training and validation")

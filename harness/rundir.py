@@ -17,10 +17,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,20 @@ if TYPE_CHECKING:  # imported where used: harness.cli writes the exit status bef
 LOCK_FILE = ".harness.lock"
 PROBE_PREFIX = ".harness-probe-"
 EXIT_STATUS_FILE = "exit_status.json"
+PREDICTIONS_FILE = "test_predictions.jsonl"
+TRACKER_DIR = "trackers"
+RUN_FILES = ("config.yaml", "metrics.jsonl", "results.json", "best", "final", "checkpoints", EXIT_STATUS_FILE,
+             PREDICTIONS_FILE, TRACKER_DIR)  # fmt: skip
+"""What a run writes into output_dir: a fresh run (overwrite=true) replaces exactly these, nothing else."""
+
+
+def remove_run_files(path: Path, keep: tuple[str, ...] = ()) -> None:
+    """Remove a run's files (RUN_FILES) from its folder, but `keep`; nothing else there is touched."""
+    for name in RUN_FILES:
+        target = path / name
+        if name in keep:
+            continue
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
 
 
 def is_bookkeeping(path: Path) -> bool:
@@ -55,8 +70,9 @@ class RunDirectory:
     """rank 0's open lock file (the flock lives as long as it is open); None on other ranks."""
     job: str | None = None
     """This run's job (RunPlace.job), written into the lock file by `announce`."""
-    last_job: str | None = None
-    """The job of the run that last held the lock (rank 0 only): a restarted job finds its own first attempt."""
+    last: dict = field(default_factory=dict)
+    """What the run that last held the lock recorded (rank 0 only): its job and how it started, so that a
+    restarted job finds its own first attempt and can start as it did."""
 
     @classmethod
     def claim(cls, cfg: ExperimentConfig, accelerator: Accelerator, job: str | None = None) -> RunDirectory:
@@ -78,15 +94,16 @@ class RunDirectory:
             if lock_fd is not None:
                 os.close(lock_fd)
             raise RunDirectoryError(refusal)
-        return cls(path, lock_fd, job, last.get("job"))
+        return cls(path, lock_fd, job, last)
 
-    def announce(self) -> None:
-        """Write who holds the lock (host, pid, start time, command) into the lock file: what a second run reports.
+    def announce(self, start: str) -> None:
+        """Write who holds the lock (host, pid, start time, command) into the lock file: what a second run reports;
+        and its job and `start` ("fresh", or the checkpoint it resumed from): what a restart of the job replays.
         Called once every input has been checked, so a refused run leaves the file as it was."""
         if self.lock_fd is None:
             return
         holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                  "command": " ".join(sys.argv), "job": self.job}  # fmt: skip
+                  "command": " ".join(sys.argv), "job": self.job, "start": start}  # fmt: skip
         os.ftruncate(self.lock_fd, 0)
         os.pwrite(self.lock_fd, json.dumps(holder).encode(), 0)
 

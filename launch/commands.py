@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from launch.slurm import LaunchError, count_device_list, placement_from_env
 
@@ -111,7 +111,7 @@ def build_command(request: Request, env: Mapping[str, str], host: Host) -> Comma
     place = _placement(request, env, host)
     nproc = _processes_per_node(request, env, place)
     if request.intent == "cpu" or (request.intent == "gpus" and place.gpus_per_node == 0):
-        command = _torchrun_command(request, env, place, nproc)
+        command = _torchrun_command(request, env, place, nproc, hide_gpus=request.intent == "cpu")
         if request.intent == "gpus":
             command.notes.insert(0, f"no GPUs on this node: starting {nproc} CPU gloo processes per node instead")
         return command
@@ -196,7 +196,8 @@ def _processes_per_node(request: Request, env: Mapping[str, str], place: Placeme
     return nproc
 
 
-def _torchrun_command(request: Request, env: Mapping[str, str], place: Placement, nproc: int) -> Command:
+def _torchrun_command(request: Request, env: Mapping[str, str], place: Placement, nproc: int,
+                      hide_gpus: bool = False) -> Command:  # fmt: skip
     argv = ["torchrun", "--nproc_per_node", str(nproc)]
     if request.max_restarts:
         argv += ["--max-restarts", str(request.max_restarts)]
@@ -207,11 +208,13 @@ def _torchrun_command(request: Request, env: Mapping[str, str], place: Placement
     # torchrun alone sets 1 thread per process; share the node's cores instead (unless the user chose).
     if "OMP_NUM_THREADS" not in env:
         command.env["OMP_NUM_THREADS"] = str(max(1, place.cpus_per_node // nproc))
-    if place.gpus_per_node > 0:
-        # `cpu` on a GPU node means CPU processes: the harness takes a visible GPU wherever it finds one (and
-        # rank k asks for cuda:k, which fails past the node's GPU count).
+    if hide_gpus:
+        # `cpu` means CPU processes: the harness takes a visible GPU wherever it finds one (and rank k asks for
+        # cuda:k, which fails past the node's GPU count). Always, not only where GPUs were counted: a SLURM job
+        # without --gres on a cluster without device cgroups sees the node's GPUs all the same.
         command.env["CUDA_VISIBLE_DEVICES"] = ""
-        command.notes.append(f"cpu: {nproc} CPU processes per node; the node's GPUs are hidden from them")
+        if place.gpus_per_node > 0:
+            command.notes.append(f"cpu: {nproc} CPU processes per node; the node's GPUs are hidden from them")
     return command
 
 
@@ -220,7 +223,7 @@ def _one_process_command(request: Request, env: Mapping[str, str], place: Placem
     it alone and it has the time it needs to checkpoint: accelerate launch's one-process launcher kills its
     process 5 s after a TERM. With --max-restarts, torchrun: something must restart it (30 s after a TERM)."""
     if request.max_restarts:
-        return _torchrun_command(request, env, replace(place, gpus_per_node=0), 1)
+        return _torchrun_command(request, env, place, 1)
     return Command(["python", request.script, *request.script_args],
                    notes=["gpus: one process in all, started directly (no launcher)"])  # fmt: skip
 

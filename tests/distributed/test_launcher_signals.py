@@ -103,7 +103,7 @@ def test_term_through_a_launcher_checkpoints_and_resumes_as_if_uninterrupted(lau
     status = json.loads((out / "exit_status.json").read_text())
     assert (status["status"], status["exit_code"]) == ("preempted", 75), output[-3000:]
     (preempted,) = [r for r in read_metrics(out) if r["event"] == "preempted"]
-    assert preempted["signal"] == "SIGTERM" and preempted["phase"] == "train" and preempted["step"] < 45 // nproc
+    assert preempted["signal"] == "SIGTERM" and preempted["stopped_in"] == "train" and preempted["step"] < 45 // nproc
     verify_checkpoint(out / "checkpoints" / f"step-{preempted['step']:07d}")
     assert read_metrics(out)[0]["world_size"] == nproc
 

@@ -194,14 +194,30 @@ def wait_for_pause(proc: Ranks, phase: str, timeout: float = 60) -> None:
 
 
 def test_ranks_wait_for_a_long_tokenization_beyond_the_collective_timeout(config, tmp_path):
-    # One rank tokenizes (its first split takes 3 s here) while the other waits for the cache entry's lock, not in
-    # a collective: a collective would have failed after runtime.collective_timeout_s (2 s).
+    # One rank tokenizes (its first split takes 5 s here) while the other waits for the cache entry's lock, and then
+    # at the end of data setup, not in a collective: a collective would have failed after
+    # runtime.collective_timeout_s (4 s; the rest of the run's collectives wait far less).
     out = tmp_path / "run"
-    proc = run_harness(config, f"output_dir={out}", "train.max_steps=2", "runtime.collective_timeout_s=2", nproc=2,
-                       env_extra={"HARNESS_INJECT_PAUSE": "tokenize:3"}, check=False)  # fmt: skip
+    proc = run_harness(config, f"output_dir={out}", "train.max_steps=2", "runtime.collective_timeout_s=4", nproc=2,
+                       env_extra={"HARNESS_INJECT_PAUSE": "tokenize:5"}, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stderr.count("pausing 3 s in tokenize") == 1  # the rank that tokenized; the other read its cache
+    assert proc.stderr.count("pausing 5 s in tokenize") == 1  # the rank that tokenized; the other read its cache
     assert read_results(out)["world_size"] == 2
+
+
+def test_a_warm_node_waits_for_a_cold_node_beyond_the_collective_timeout(config, tmp_path):
+    # Node-local caches (a relative data.cache_dir, two "nodes" with their own folders): node 0's is warm, node 1
+    # tokenizes (5 s here). Node 0 waits at the end of data setup with no time limit, not in the first collective.
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+    common = ["--config", str(config), "data.cache_dir=cache", "train.max_steps=2"]
+    ranks.start("train", [*common, f"output_dir={tmp_path / 'warming'}"], cwds=nodes[:1]).wait(60)
+    assert (nodes[0] / "cache").is_dir() and not (nodes[1] / "cache").exists()
+    proc = ranks.start("train", [*common, f"output_dir={tmp_path / 'run'}", "runtime.collective_timeout_s=4"],
+                       nproc=2, cwds=nodes, env_extra={"HARNESS_INJECT_PAUSE": "tokenize:5"}).wait(90)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("pausing 5 s in tokenize") == 1 and (nodes[1] / "cache").is_dir()
 
 
 def test_a_signal_before_the_first_step_exits_at_once_with_the_requeue_code(config, tmp_path):
@@ -253,7 +269,7 @@ def test_a_signal_during_the_final_test_stops_and_the_requeued_run_only_finishes
     rows = read_metrics(out)
     total = rows[0]["total_steps"]
     preempted = next(r for r in rows if r["event"] == "preempted")
-    assert preempted["phase"] == "finish" and preempted["step"] == total
+    assert preempted["stopped_in"] == "finish" and preempted["step"] == total
     assert [r["reason"] for r in rows if r["event"] == "checkpoint"][-1] == "last step"
     assert json.loads((out / "exit_status.json").read_text())["status"] == "preempted"
     assert not (out / "results.json").exists()
@@ -263,7 +279,23 @@ def test_a_signal_during_the_final_test_stops_and_the_requeued_run_only_finishes
     results = read_results(out)
     assert results["resumed_from_step"] == total and results["optimizer_steps"] == total
     assert results["test"]["samples"] == 101
-    assert [r["step"] for r in read_metrics(out) if r["event"] == "train"] == trained, "nothing trained again"
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows if r["event"] == "train"] == trained, "nothing trained again"
+    # The interrupted finish's rows are gone: one test result, no stale "preempted".
+    assert [r["event"] for r in rows if r.get("split") == "test" or r["event"] == "preempted"] == ["eval"]
+
+
+def test_an_evaluate_only_run_signalled_during_its_test_starts_afresh_with_the_same_command(config, tmp_path):
+    # Nothing trained, so no checkpoint: its files go, and the folder takes the same command again.
+    out = tmp_path / "run"
+    proc = start_harness(config, f"output_dir={out}", "train.max_steps=0", env_extra={"HARNESS_INJECT_PAUSE": "test:3"})
+    wait_for_pause(proc, "test")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60).returncode == 75
+    assert json.loads((out / "exit_status.json").read_text())["status"] == "preempted"
+    assert not (out / "metrics.jsonl").exists() and not (out / "final").exists()
+    run_harness(config, f"output_dir={out}", "train.max_steps=0")
+    assert read_results(out)["test"]["samples"] == 101
 
 
 def test_the_preempted_status_is_written_before_any_rank_exits(config, tmp_path):

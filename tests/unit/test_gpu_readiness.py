@@ -49,7 +49,9 @@ def test_the_cpu_intent_hides_a_gpu_nodes_gpus():
     slurm = build_command(Request("cpu", 2, from_slurm=True), {"SLURM_JOB_ID": "7", "SLURM_NNODES": "1",
                           "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "gpu01", "SLURM_GPUS_ON_NODE": "4"}, Host())  # fmt: skip
     assert slurm.env["CUDA_VISIBLE_DEVICES"] == ""
-    assert "CUDA_VISIBLE_DEVICES" not in build_command(Request("cpu", 2), {}, Host(gpus=0)).env
+    # Also where no GPU was counted: a SLURM job without --gres may see the node's GPUs all the same.
+    assert build_command(Request("cpu", 2), {}, Host(gpus=0)).env["CUDA_VISIBLE_DEVICES"] == ""
+    assert "CUDA_VISIBLE_DEVICES" not in build_command(Request("gpus", 1, max_restarts=1), {}, Host(gpus=1)).env
 
 
 def test_tf32_follows_the_setting():

@@ -80,13 +80,13 @@ def test_debug_refuses_more_than_one_process(kwargs):
 def test_cpu_is_torchrun_with_a_port_and_the_cores_shared_out():
     cmd = command("cpu", 2)
     assert cmd.argv == ["torchrun", "--nproc_per_node", "2", "--master_port", "41000", "harness/train.py", *ENTRY]
-    assert cmd.env == {"OMP_NUM_THREADS": "2"}  # 4 cores / 2 processes
+    assert cmd.env == {"OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": ""}  # 4 cores / 2 processes; CPU only
     assert "--cpu" not in cmd.argv  # `accelerate launch --cpu --num_processes 2` would start ONE process
 
 
 def test_cpu_keeps_the_users_thread_count_and_port():
     cmd = command("cpu", 3, env={"OMP_NUM_THREADS": "1", "MASTER_PORT": "29555"})
-    assert cmd.env == {}
+    assert cmd.env == {"CUDA_VISIBLE_DEVICES": ""}
     assert cmd.argv[:5] == ["torchrun", "--nproc_per_node", "3", "--master_port", "29555"]
     assert command("cpu", 2, port=23000).argv[4] == "23000"
 
@@ -372,6 +372,7 @@ def test_dry_run_subprocess_prints_one_line_and_runs_nothing(tmp_path):
     lines = proc.stdout.splitlines()
     assert len(lines) == 1
     argv = shlex.split(lines[0])
+    assert argv.pop(0) == "CUDA_VISIBLE_DEVICES="  # the environment additions lead the line
     assert argv[0].endswith("torchrun")
     assert argv[1:] == ["--nproc_per_node", "2", "--master_port", "23457", "harness/train.py", *ENTRY,
                         f"output_dir={out_dir}"]  # fmt: skip

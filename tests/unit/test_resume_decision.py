@@ -24,10 +24,11 @@ def checkpoint(folder: Path, step: int, job: str | None) -> Path:
     return path
 
 
-def decide(tmp_path, *overrides, job=None, restart=0, last_job=None):
+def decide(tmp_path, *overrides, job=None, restart=0, last=None):
+    """Where a run starts; `last` is what the folder's lock file says the run before recorded (job, start)."""
     cfg = load_config(tiny_config(tmp_path), [f"output_dir={tmp_path / 'run'}", *overrides])
     warnings = []
-    point = find_resume_point(cfg, warnings.append, job, restart, last_job)
+    point = find_resume_point(cfg, warnings.append, job, restart, last)
     return point, warnings
 
 
@@ -38,7 +39,9 @@ def test_a_restart_resumes_its_own_checkpoint_whatever_overwrite_and_resume_say(
     checkpoint(out, 12, "slurm:3")  # left by another job: never this job's restart point
     (out / "metrics.jsonl").write_text("")
     for settings in (["overwrite=true"], [f"checkpoint.resume={elsewhere}"], ["checkpoint.resume=none"]):
-        point, warnings = decide(tmp_path, *settings, job="slurm:7", restart=1, last_job="slurm:7")
+        point, warnings = decide(
+            tmp_path, *settings, job="slurm:7", restart=1, last={"job": "slurm:7", "start": "fresh"}
+        )
         assert point.path == out / "checkpoints" / "step-0000008" and not point.replaces_run, settings
         assert "restart 1 of job slurm:7: resuming from its own newest checkpoint" in warnings[0]
     # The first attempt: the settings hold. overwrite=true starts afresh (replacing the folder's files) ...
@@ -50,16 +53,21 @@ def test_a_restart_resumes_its_own_checkpoint_whatever_overwrite_and_resume_say(
 
 def test_a_restart_without_a_checkpoint_of_its_own_starts_as_its_first_attempt_did(tmp_path):
     out = tmp_path / "run"
+    earlier = checkpoint(out, 300, "slurm:100")  # an earlier job's run, which job 200's first attempt resumed
+    (out / "metrics.jsonl").write_text("")
+    point, _ = decide(tmp_path, job="slurm:200")
+    assert point.path == earlier  # the first attempt (resume=auto), which then dies before a checkpoint of its own
+    first = {"job": "slurm:200", "start": str(earlier)}
+    point, warnings = decide(tmp_path, job="slurm:200", restart=1, last=first)
+    assert point.path == earlier and not point.replaces_run, "job 100's work must survive job 200's restart"
+    assert "no checkpoint of its own yet; resuming from" in warnings[0]
+    # Started afresh the first time (overwrite=true): afresh again, replacing only what that attempt wrote.
+    assert decide(tmp_path, job="slurm:200", restart=1, last={"job": "slurm:200", "start": "fresh"})[0] is None
+    # Files another job left, or a lock record of another job: the first attempt's settings, never "own" files.
     elsewhere = checkpoint(tmp_path / "pretrained-run", 40, None)
-    (out / "metrics.jsonl").parent.mkdir(parents=True)
-    (out / "metrics.jsonl").write_text("")  # written by the first attempt, killed before its first checkpoint
-    point, _ = decide(
-        tmp_path, f"checkpoint.resume={elsewhere}", job="torchrun:h:9", restart=1, last_job="torchrun:h:9"
-    )
-    assert point.path == elsewhere and point.replaces_run
-    # Files another job left: a restart must not take them for its own.
     with pytest.raises(ConfigError, match="holds another run; resuming into it would mix the two"):
-        decide(tmp_path, f"checkpoint.resume={elsewhere}", job="torchrun:h:9", restart=1, last_job="slurm:3")
+        decide(tmp_path, f"checkpoint.resume={elsewhere}", job="torchrun:h:9", restart=1,
+               last={"job": "slurm:3", "start": "fresh"})  # fmt: skip
 
 
 def test_combinations_that_would_lose_or_mix_work_are_refused(tmp_path):
