@@ -11,8 +11,9 @@ The checks, one row each (benchmarks/README.md says what each measures and when 
   `torch.cuda.set_sync_debug_mode("warn")`, for plain steps and log steps;
 * sdpa-kernels: which scaled-dot-product attention kernel a training forward runs, padded and unpadded;
 * exact-resume: SIGKILL after a checkpoint, the same command again, the final weights compared;
-* zero2, zero3: DeepSpeed through the project's launcher (`python -m launch zeroN 1`) against one plain process:
-  losses, weights, and the exported model loaded back;
+* zero2, zero3, fsdp2: DeepSpeed ZeRO and FSDP2 through the project's launcher (`python -m launch zeroN 1`,
+  `python -m launch fsdp 1`) against one plain process: losses, weights, the exported model loaded back,
+  samples/s and the state each rank holds;
 * fp16-overflow: injected non-finite gradients are skipped and counted;
 * vs-trainer: benchmarks/vs_trainer.py on the same BERT-base work.
 
@@ -70,9 +71,11 @@ RESUME_NOISE_FACTOR = 2.0
 """On a GPU the resumed run passes within this multiple of two uninterrupted runs' difference (0 when both are
 bitwise equal, as on CPU): three runs' mutual distances from atomics' noise are alike, none reliably smallest."""
 MIN_TRAINER_RATIO = 0.95
-CHECK_NAMES = ["throughput-bf16", "throughput-fp16", "vs-trainer", "exact-resume", "zero2", "zero3",
+CHECK_NAMES = ["throughput-bf16", "throughput-fp16", "vs-trainer", "exact-resume", "zero2", "zero3", "fsdp2",
                "host-syncs-bf16", "host-syncs-fp16", "fp16-overflow", "sdpa-kernels"]  # fmt: skip
-"""The report's rows in order (zero2 and zero3 are one check: skipping either skips both)."""
+"""The report's rows in order (zero2, zero3 and fsdp2 are one check: skipping one skips all three)."""
+SHARDED = {"zero2": ("zero2", "zero2.yaml"), "zero3": ("zero3", "zero3.yaml"), "fsdp2": ("fsdp", "fsdp2.yaml")}
+"""A sharded row: its launch intent and accelerate config."""
 """vs-trainer passes when the harness's samples/s are at least this share of the Trainer's at its best."""
 SDPA_KERNELS = {
     "aten::_scaled_dot_product_flash_attention_for_cpu": "flash (CPU)",
@@ -290,9 +293,9 @@ def train_entry(argv: list[str], deterministic: bool = False) -> dict:
 def launched_train_entry(accelerate_args: list[str], port: int, argv: list[str]) -> dict:
     """train_entry in the environment `accelerate launch <accelerate_args> --num_processes 1` gives its one
     process: Accelerate's DeepSpeed variables (from its own launcher code) and torchrun's for a world of one."""
-    from harness.distributed import accelerate_deepspeed_env
+    from harness.distributed import accelerate_launch_env
 
-    os.environ.update(accelerate_deepspeed_env(accelerate_args, num_processes=1))
+    os.environ.update(accelerate_launch_env(accelerate_args, num_processes=1))
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", GROUP_RANK="0",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
     return train_entry(argv)
@@ -548,64 +551,68 @@ def check_resume(plan: Plan, forks: Forks) -> list[Row]:
 
 
 def check_zero(plan: Plan, forks: Forks) -> list[Row]:
-    """ZeRO-2 and ZeRO-3 at world size 1, dropout off, against one plain process: the same losses, weights
+    """ZeRO-2, ZeRO-3 and FSDP2 at world size 1, dropout off, against one plain process: the same losses, weights
     and exported model."""
     half = max(1, plan.batch_size // 2)
     short = plan.short(8, "model.dropout=0.0", "model.classifier_dropout=0.0", "train.grad_accum=2",
                        f"train.batch_size={half}")  # fmt: skip
     reference = plan.workdir / "zero-reference"
     plain = forks.start("zero-reference", train_entry, argv=plan.argv(reference, *short))
-    launched = {stage: start_zero(plan, forks, stage, plan.argv(plan.workdir / f"zero{stage}", *short))
-                for stage in (2, 3)}  # fmt: skip
+    launched = {name: start_zero(plan, forks, name, plan.argv(plan.workdir / name, *short)) for name in SHARDED}
     plain.finish(plan.timeout)
-    exits = {stage: job.wait(plan.timeout) for stage, job in launched.items()}
-    done = [str(plan.workdir / f"zero{stage}" / "final") for stage, code in exits.items() if code == 0]
+    exits = {name: job.wait(plan.timeout) for name, job in launched.items()}
+    done = [str(plan.workdir / name / "final") for name, code in exits.items() if code == 0]
     exports = forks.start("zero-exports", compare_exports, reference=str(reference / "final"), folders=done,
                           text="a wonderful film, I loved every minute of it").result(plan.timeout)  # fmt: skip
     rows = []
-    for stage, job in launched.items():
-        name = f"zero{stage}"
+    for name, job in launched.items():
         try:
-            if exits[stage] != 0:
-                raise CheckError(f"exited with code {exits[stage]}; log {job.log}")
+            if exits[name] != 0:
+                raise CheckError(f"exited with code {exits[name]}; log {job.log}")
             rows.append(zero_row(plan, name, reference, exports[str(plan.workdir / name / "final")]))
-        except Exception as exc:  # one stage's failure leaves the other's row
+        except Exception as exc:  # one run's failure leaves the others' rows
             rows.append(Row(name, "FAIL", note=f"{type(exc).__name__}: {exc}"))
     return rows
 
 
-def start_zero(plan: Plan, forks: Forks, stage: int, argv: list[str]) -> Job:
-    """A ZeRO run of one process: through the project's launcher (`python -m launch zeroN 1`: accelerate launch
-    with configs/accelerate/zeroN.yaml) on a GPU; under --smoke forked, in the environment that launch gives its
-    process (the CPU's launcher path is tested for real in tests/distributed/test_launch_cpu.py), which spares
-    the smoke two interpreters' imports."""
-    name = f"zero{stage}"
+def start_zero(plan: Plan, forks: Forks, name: str, argv: list[str]) -> Job:
+    """A ZeRO or FSDP2 run of one process: through the project's launcher (`python -m launch zeroN 1` / `fsdp 1`:
+    accelerate launch with its config) on a GPU; under --smoke forked, in the environment that launch gives its
+    process (the CPU's launcher paths are tested for real in tests/distributed/), which spares the smoke three
+    interpreters' imports."""
+    intent, config = SHARDED[name]
     if not plan.smoke:
-        argv = [sys.executable, "-m", "launch", name, "1", "--", *argv]
+        argv = [sys.executable, "-m", "launch", intent, "1", "--", *argv]
         return Launched(name, argv, plan.workdir / f"{name}.log", launcher_env())
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    accelerate_args = ["--config_file", f"configs/accelerate/{name}.yaml"]
+    accelerate_args = ["--config_file", f"configs/accelerate/{config}"]
     return forks.start(name, launched_train_entry, accelerate_args=accelerate_args, port=port, argv=argv)
 
 
 def zero_row(plan: Plan, name: str, reference: Path, export: dict) -> Row:
-    """A ZeRO run against the plain one: per-step losses, and its export as transformers loads it."""
+    """A ZeRO or FSDP2 run against the plain one: per-step losses, its export as transformers loads it, its
+    throughput and the training state it held."""
     out = plan.workdir / name
     losses, plain = ({r["step"]: r["loss"] for r in train_rows(run)} for run in (out, reference))
     if losses.keys() != plain.keys():
         raise CheckError(f"logged steps {list(losses)}, the plain run {list(plain)}")
     loss_diff = max(abs(losses[s] - plain[s]) / abs(plain[s]) for s in losses)
     rtol = ZERO_LOSS_RTOL[plan.precision]
-    stage = metric_rows(out, "setup")[0]["zero_stage"]  # a run that fell back to plain DDP would match trivially
-    figures = {"ZeRO stage": stage, "world size": read_results(out)["world_size"], "steps": len(losses),
-               "max loss rel. diff": loss_diff, "allowed": rtol, "export loads": True,
+    setup = metric_rows(out, "setup")[0]  # a run that fell back to plain DDP would match trivially
+    sharding = setup.get("sharding", f"zero{setup['zero_stage']}")
+    memory = metric_rows(out, "memory")[0]["per_rank"][0]
+    results = read_results(out)
+    figures = {"sharding": sharding, "ZeRO stage": setup["zero_stage"], "world size": results["world_size"],
+               "steps": len(losses), "max loss rel. diff": loss_diff, "allowed": rtol, "export loads": True,
                "max weight diff": export["weights"], "max logit diff": export["logits"],
-               "tensor names unlike plain": export["other_names"][:4]}  # fmt: skip
+               "tensor names unlike plain": export["other_names"][:4], "samples/s": results["train_samples_per_s"],
+               "state MiB per rank": sum(memory[k] for k in ("parameters", "gradients", "optimizer_state",
+                                                             "fp32_master")) / 2**20}  # fmt: skip
     # Tensor names are shown, not judged: transformers loads legacy names (LayerNorm.gamma) as today's.
-    if f"zero{stage}" != name:
-        return Row.judged(name, False, figures, f"the run trained under ZeRO stage {stage}")
+    if sharding != name:
+        return Row.judged(name, False, figures, f"the run trained under {sharding}")
     return Row.judged(name, loss_diff <= rtol, figures, f"losses differ from the plain run's by up to {loss_diff:.3g}")
 
 
@@ -668,7 +675,7 @@ def checks_of(plan: Plan, forks: Forks) -> tuple[list[Check], list[Check]]:
     timed.append(Check(["vs-trainer"], partial(check_vs_trainer, plan)))
     rest = [
         Check(["exact-resume"], partial(check_resume, plan, forks)),
-        Check(["zero2", "zero3"], partial(check_zero, plan, forks)),
+        Check(["zero2", "zero3", "fsdp2"], partial(check_zero, plan, forks)),
         *(Check([f"host-syncs-{p}"], partial(check_syncs, plan, forks, p)) for p in ("bf16", "fp16")),
         Check(["fp16-overflow"], partial(check_overflow, plan, forks)),
         Check(["sdpa-kernels"], partial(check_sdpa, plan, forks)),

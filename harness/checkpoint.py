@@ -17,7 +17,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,17 +32,29 @@ from harness.data.sampler import EpochPlanner, StepLayout
 from harness.distributed import EXIT_REQUEUE, Preempted, RunPlace, StopRequest
 from harness.evaluation import BestSoFar
 from harness.faults import pause
+from harness.fsdp import (
+    full_state_dict,
+    is_sharded,
+    load_full_state_dict,
+    load_sharded,
+    original_class_name,
+    save_sharded,
+)
 from harness.rundir import EXIT_STATUS_FILE, is_bookkeeping, remove_run_files, write_exit_status
 from harness.serving import ServingSpec
 
 
-def state_dict_copy(accelerator: Accelerator, model: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:
+def state_dict_copy(accelerator: Accelerator, model: torch.nn.Module, place: RunPlace) -> dict[str, torch.Tensor]:
     """A CPU copy of the full model weights on every rank, consolidated where ZeRO-3 shards them; under ZeRO with
     bf16 or fp16 weights, the fp32 master copy the optimizer updates (what DDP's fp32 parameters hold), not the
     low-precision module weights.
 
     Called on every rank: gathering shards and master partitions are collective operations (every rank walks the
-    parameters in the same order)."""
+    parameters in the same order). Under FSDP2 the copy is rank 0's alone ({} elsewhere): `load_weights`
+    broadcasts it, and only rank 0 writes files."""
+    if place.fsdp is not None:
+        return full_state_dict(model)
+    zero_stage = place.zero_stage
     module = accelerator.unwrap_model(model)
     if zero_stage == 3:
         import deepspeed
@@ -68,12 +82,14 @@ def cast_floats(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str,
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
 
 
-def load_weights(
-    accelerator: Accelerator, model: torch.nn.Module, state: dict[str, torch.Tensor], zero_stage: int
-) -> None:
+def load_weights(accelerator: Accelerator, model: torch.nn.Module, state: dict[str, torch.Tensor],
+                 place: RunPlace) -> None:  # fmt: skip
     """Put full weights (from `state_dict_copy`) back into the model on every rank, sharded or not."""
+    if place.fsdp is not None:
+        load_full_state_dict(model, state)
+        return
     module = accelerator.unwrap_model(model)
-    if zero_stage == 3:
+    if place.zero_stage == 3:
         import deepspeed
 
         # Rank 0 writes the gathered parameters; on exit DeepSpeed re-partitions them from rank 0.
@@ -110,6 +126,10 @@ def export_model(
             save_original_format=False,
         )
         record_weights_dtype(tmp, state)
+        if is_sharded(module):  # FSDP2 made it an FSDP<class> subclass: config.json names the class users load
+            config = json.loads((tmp / "config.json").read_text())
+            config["architectures"] = [original_class_name(module)]
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         tokenizer.save_pretrained(tmp)
         if serving is not None:
             serving.write(tmp)
@@ -152,6 +172,8 @@ def record_weights_dtype(folder: Path, state: dict[str, torch.Tensor]) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 MANIFEST = "manifest.json"
+SHARDED_STATE = "sharded"
+"""Inside a checkpoint: FSDP2's model and optimizer state, every rank's shards (torch.distributed.checkpoint)."""
 TRAINER_STATE = "trainer_state.json"
 STEP_DIR_PREFIX = "step-"
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -202,13 +224,15 @@ def save_checkpoint(
     trainer_state: str,
     manifest_info: dict,
     extra_weights: dict[str, dict[str, torch.Tensor]] | None = None,
+    sharded: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a complete checkpoint atomically; called on every rank (each saves its own state files).
 
     Files go to a temporary folder, are flushed, the manifest (with checksums) is written last, then the
     folder is renamed into place: a crash at any point leaves either no new checkpoint or a complete one.
     On an OSError (disk full, unwritable folder) the temporary folder is removed and the error names where.
-    `extra_weights` (file name -> state dict) are written by the main process, e.g. the best model so far.
+    `extra_weights` (file name -> state dict) are written by the main process, e.g. the best model so far;
+    `sharded(folder)` by every rank, its shards of a state Accelerate does not hold (FSDP2's model and optimizer).
     """
     final = checkpoints_dir / step_dir_name(step)
     tmp = checkpoints_dir / f".tmp-{final.name}"
@@ -220,6 +244,8 @@ def save_checkpoint(
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp / "state"))  # model, optimizer, scheduler, scaler, every rank's RNG
+        if sharded is not None:
+            sharded(tmp / SHARDED_STATE)
         pause("checkpoint")  # fault injection for tests: a signal in the middle of a write
         if accelerator.is_main_process:
             (tmp / TRAINER_STATE).write_text(trainer_state)
@@ -496,6 +522,13 @@ class CheckpointManager:
         self.dir = self.out / "checkpoints"
         self.best_weights: dict[str, torch.Tensor] | None = None
         self._last_save = time.monotonic()
+        self.model: torch.nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def track(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """The model and optimizer as prepared: under FSDP2 their sharded state is saved and loaded here (under
+        DDP and DeepSpeed, Accelerate's save_state holds them)."""
+        self.model, self.optimizer = model, optimizer
 
     # -- resume ------------------------------------------------------------------------------------------
     def restore_state(self, resume: ResumePoint, layout: StepLayout, planner: EpochPlanner) -> TrainState:
@@ -507,9 +540,10 @@ class CheckpointManager:
             problems.append(f"model.name_or_path: the checkpoint {path} trained {manifest.get('model')!r}, "
                             f"this run asks for {self.cfg.model.name_or_path!r}")  # fmt: skip
         stage = self.place.zero_stage
-        if manifest.get("zero_stage", 0) != stage:
-            problems.append(f"ZeRO stage: the checkpoint {path} was saved under stage {manifest.get('zero_stage', 0)}, "
-                            f"this run uses stage {stage}; resume it with the same launch config")  # fmt: skip
+        saved = manifest.get("sharding") or (f"zero{manifest['zero_stage']}" if manifest.get("zero_stage") else "ddp")
+        if saved != self.place.sharding:
+            problems.append(f"sharding: the checkpoint {path} was saved under {saved}, this run uses "
+                            f"{self.place.sharding}; resume it with the same launch config")  # fmt: skip
         elif manifest.get("world_size") != layout.world_size and stage:
             problems.append(f"world size: the checkpoint {path} holds ZeRO state sharded over "
                             f"{manifest.get('world_size')} ranks; resume it with that many processes")  # fmt: skip
@@ -536,6 +570,8 @@ class CheckpointManager:
         """Model, optimizer, scheduler, scaler and every RNG from the checkpoint (after `prepare`), and the best
         model's weights."""
         self.accelerator.load_state(str(resume.path / "state"))
+        if self.place.fsdp is not None:  # resharded onto this run's ranks, whatever their number
+            load_sharded(self.model, self.optimizer, resume.path / SHARDED_STATE)
         if (resume.path / BEST_IN_CHECKPOINT).is_file():
             self.best_weights = load_file(str(resume.path / BEST_IN_CHECKPOINT))
 
@@ -591,9 +627,12 @@ class CheckpointManager:
         state.window_loss_per_rank, state.window_weight = window.per_rank(), window.weight
         manifest = {"epoch": state.epoch, "position": state.position, "world_size": self.place.world_size,
                     "reason": reason, "config_fingerprint": self.cfg.fingerprint(), "model": self.cfg.model.name_or_path,
-                    "zero_stage": self.place.zero_stage, "job": self.place.job}  # fmt: skip
+                    "zero_stage": self.place.zero_stage, "sharding": self.place.sharding, "job": self.place.job}  # fmt: skip
         extra = {BEST_IN_CHECKPOINT: self.best_weights} if self.best_weights is not None else None
-        path = save_checkpoint(self.accelerator, self.dir, state.step, state.to_json(), manifest, extra)
+        sharded = None
+        if self.place.fsdp is not None:
+            sharded = partial(save_sharded, self.model, self.optimizer)
+        path = save_checkpoint(self.accelerator, self.dir, state.step, state.to_json(), manifest, extra, sharded)
         if self.place.is_main:
             best_step = state.best.step if state.best else -1
             prune_checkpoints(self.dir, self.cfg.checkpoint.keep_last, protected_steps={best_step})
@@ -604,16 +643,17 @@ class CheckpointManager:
     # -- exports and the best model ---------------------------------------------------------------------
     def keep_best(self, model: torch.nn.Module) -> None:
         """Remember the model's current weights as the best and export them to best/ (collective)."""
-        self.best_weights = state_dict_copy(self.accelerator, model, self.place.zero_stage)
+        self.best_weights = state_dict_copy(self.accelerator, model, self.place)
         self.export(model, self.best_weights, "best")
 
     def export_final(self, model: torch.nn.Module) -> None:
         """The model as it is now to final/ (collective)."""
-        self.export(model, state_dict_copy(self.accelerator, model, self.place.zero_stage), "final")
+        self.export(model, state_dict_copy(self.accelerator, model, self.place), "final")
 
     def export(self, model: torch.nn.Module, weights: dict[str, torch.Tensor], name: str) -> None:
         dtype = EXPORT_DTYPES[self.cfg.checkpoint.export_dtype]
-        if self.export_weights is not None:  # the task's view of its weights (regression: the head in units)
+        if self.export_weights is not None and weights:  # the task's view of its weights (regression: the head in
+            # units); under FSDP2 only rank 0 holds them, and only rank 0 writes
             weights = self.export_weights(weights)
         export_model(
             self.accelerator, model, self.tokenizer, cast_floats(weights, dtype), self.out / name, self.serving
@@ -621,4 +661,4 @@ class CheckpointManager:
 
     def restore_best(self, model: torch.nn.Module) -> None:
         """Put the best weights back into the model (collective)."""
-        load_weights(self.accelerator, model, self.best_weights, self.place.zero_stage)
+        load_weights(self.accelerator, model, self.best_weights, self.place)

@@ -6,6 +6,7 @@ process), `torchrun --nproc_per_node N` and `accelerate launch` on CPU (gloo) or
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -22,9 +23,12 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, patch_environment, set_seed
 
 from harness.config import ConfigError, ExperimentConfig
+from harness.fsdp import FSDPSettings
+from harness.fsdp import memory as fsdp_memory
+from harness.fsdp import micro_batch as fsdp_micro_batch
 from harness.rundir import TRACKER_DIR
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -41,15 +45,15 @@ def deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def accelerate_deepspeed_env(launch_args: list[str], num_processes: int) -> dict[str, str]:
-    """What `accelerate launch <launch_args> --num_processes N` exports to its workers for a DeepSpeed launch (an
-    accelerate config file or the --use_deepspeed flags), computed by Accelerate's own launcher code: the
-    ACCELERATE_* variables, not those torchrun adds per rank. For processes started another way that must run
-    as if launched (the test suite's and gpu_check --smoke's forked runs). Unlike `accelerate launch`, a user's
-    default config (`accelerate config`) is not read: what these processes run must not depend on the machine's
-    user."""
+def accelerate_launch_env(launch_args: list[str], num_processes: int) -> dict[str, str]:
+    """What `accelerate launch <launch_args> --num_processes N` exports to its workers for a DeepSpeed or FSDP
+    launch (an accelerate config file or the --use_deepspeed / --use_fsdp flags), computed by Accelerate's own
+    launcher code: the ACCELERATE_* and FSDP_* variables, not those torchrun adds per rank. For processes started
+    another way that must run as if launched (the test suite's and gpu_check --smoke's forked runs). Unlike
+    `accelerate launch`, a user's default config (`accelerate config`) is not read: what these processes run must
+    not depend on the machine's user."""
     from accelerate.commands import launch
-    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
     parsed = launch.launch_command_parser().parse_args([*launch_args, "--num_processes", str(num_processes), "x.py"])
     user_default, launch.default_config_file = launch.default_config_file, os.devnull + ".absent"
@@ -57,16 +61,19 @@ def accelerate_deepspeed_env(launch_args: list[str], num_processes: int) -> dict
         args, defaults, mixed_precision_from_config = launch._validate_launch_command(parsed)
     finally:
         launch.default_config_file = user_default
-    if not args.use_deepspeed:
-        raise ValueError(f"accelerate launch {' '.join(launch_args)}: not a DeepSpeed launch")
-    # What accelerate's launch_command sets before its deepspeed_launcher.
-    fields = [
-        *(defaults.deepspeed_config if defaults else {}),
-        *(["mixed_precision"] if mixed_precision_from_config else []),
-    ]
-    args.deepspeed_fields_from_accelerate_config = ",".join(fields)
-    _, env = prepare_deepspeed_cmd_env(args)
-    return {key: value for key, value in env.items() if key.startswith("ACCELERATE_")}
+    if args.use_deepspeed:
+        # What accelerate's launch_command sets before its deepspeed_launcher.
+        fields = [
+            *(defaults.deepspeed_config if defaults else {}),
+            *(["mixed_precision"] if mixed_precision_from_config else []),
+        ]
+        args.deepspeed_fields_from_accelerate_config = ",".join(fields)
+        _, env = prepare_deepspeed_cmd_env(args)
+    elif args.use_fsdp:
+        env = prepare_multi_gpu_env(args)
+    else:
+        raise ValueError(f"accelerate launch {' '.join(launch_args)}: neither a DeepSpeed nor an FSDP launch")
+    return {key: value for key, value in env.items() if key.startswith(("ACCELERATE_", "FSDP_"))}
 
 
 def _get(config: dict, dotted: str) -> Any:
@@ -370,14 +377,17 @@ def build_accelerator(cfg: ExperimentConfig) -> tuple[Accelerator, RunPlace]:
         use_tf32(cfg.train.tf32)
     if precision == "fp16" and not on_gpu:
         raise ConfigError(["train.precision: fp16 needs a CUDA GPU (loss scaling); use bf16, fp32 or auto on CPU"])
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not on_gpu:
-        raise ConfigError(["FSDP (accelerate launch --use_fsdp or an FSDP config): Accelerate runs it on GPUs only. "
-                           "On CPU, shard with DeepSpeed ZeRO (python -m launch zero2 N / zero3 N) or use DDP "
-                           "(python -m launch cpu N)"], "launch")  # fmt: skip
+    fsdp = FSDPSettings.from_env(os.environ, cfg.train.gradient_checkpointing)
+    if fsdp is not None:
+        check_fsdp_request(cfg, precision)
     # A collective waiting on a dead or hung rank fails after this, instead of hanging forever.
     timeout = timedelta(seconds=cfg.runtime.collective_timeout_s)
     process_group = InitProcessGroupKwargs(timeout=timeout)
     join_process_group("nccl" if on_gpu else "gloo", timeout)
+    if fsdp is not None and launched_world_size() == 1 and not torch.distributed.is_initialized():
+        # FSDP2 shards over a process group, also of one process (resuming a sharded checkpoint on one rank).
+        torch.distributed.init_process_group("nccl" if on_gpu else "gloo", store=torch.distributed.HashStore(),
+                                             rank=0, world_size=1, timeout=timeout)  # fmt: skip
     kwargs: dict[str, Any] = {}
     if deepspeed_requested():
         use_this_pythons_ninja()
@@ -397,14 +407,18 @@ def build_accelerator(cfg: ExperimentConfig) -> tuple[Accelerator, RunPlace]:
         kwargs["project_config"] = ProjectConfiguration(
             project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / TRACKER_DIR)
         )
-    accelerator = Accelerator(
-        cpu=not on_gpu and not deepspeed_requested(),
-        mixed_precision=MIXED_PRECISION[precision],
-        gradient_accumulation_steps=cfg.train.grad_accum,
-        step_scheduler_with_optimizer=False,
-        kwargs_handlers=[process_group],
-        **kwargs,
-    )
+    # Under FSDP2 the harness shards the model itself (harness/fsdp.py); Accelerate must not apply its own FSDP
+    # (on GPUs it would, from the launch's ACCELERATE_USE_FSDP), nor wrap the model in DDP (the loop does not give
+    # it the model).
+    with patch_environment(ACCELERATE_USE_FSDP="false") if fsdp is not None else contextlib.nullcontext():
+        accelerator = Accelerator(
+            cpu=not on_gpu and not deepspeed_requested(),
+            mixed_precision=MIXED_PRECISION[precision],
+            gradient_accumulation_steps=cfg.train.grad_accum,
+            step_scheduler_with_optimizer=False,
+            kwargs_handlers=[process_group],
+            **kwargs,
+        )
     if accelerator.num_processes != launched_world_size():
         raise RuntimeError(
             f"the launcher started {launched_world_size()} processes but Accelerate formed a world of "
@@ -413,7 +427,19 @@ def build_accelerator(cfg: ExperimentConfig) -> tuple[Accelerator, RunPlace]:
     if "deepspeed_plugin" in kwargs:
         load_models_whole()
     set_seed(cfg.seed)
-    return accelerator, RunPlace.of(accelerator, cfg, precision)
+    return accelerator, RunPlace.of(accelerator, cfg, precision, fsdp)
+
+
+def check_fsdp_request(cfg: ExperimentConfig, precision: str) -> None:
+    """What FSDP2 does not run here, named with the fix."""
+    problems = []
+    if deepspeed_requested():
+        problems.append("FSDP and DeepSpeed in one launch: choose one accelerate config")
+    if precision == "fp16":
+        problems.append("train.precision: fp16 under FSDP2 needs a sharded loss scaler the harness does not run; use "
+                        "bf16 (or fp32)")  # fmt: skip
+    if problems:
+        raise ConfigError(problems, "launch")
 
 
 def check_trackers(names: list[str]) -> list[str]:
@@ -461,13 +487,16 @@ class RunPlace:
     draw their own masks)."""
     keep_freed_memory: bool
     """On CPU, keep freed memory for reuse once setup is done (runtime.keep_freed_cpu_memory)."""
+    fsdp: FSDPSettings | None
+    """FSDP2 (harness/fsdp.py): the model is sharded by the harness; None for DDP and DeepSpeed."""
     job: str | None
     """The job this process belongs to across its restarts (`job_attempt`); None outside SLURM and torchrun."""
     restart: int
     """0 for a job's first attempt; how many times it was restarted (SLURM requeue, torchrun --max-restarts)."""
 
     @classmethod
-    def of(cls, accelerator: Accelerator, cfg: ExperimentConfig, precision: str) -> RunPlace:
+    def of(cls, accelerator: Accelerator, cfg: ExperimentConfig, precision: str,
+           fsdp: FSDPSettings | None = None) -> RunPlace:  # fmt: skip
         state = accelerator.state
         device = accelerator.device
         on_gpu = device.type == "cuda"
@@ -476,7 +505,7 @@ class RunPlace:
             rank=accelerator.process_index,
             is_main=accelerator.is_main_process,
             device=device,
-            distributed_type=str(state.distributed_type).split(".")[-1],
+            distributed_type="FSDP2" if fsdp is not None else str(state.distributed_type).split(".")[-1],
             backend=getattr(state, "backend", None),
             zero_stage=zero_stage(accelerator),
             precision=precision,
@@ -486,15 +515,32 @@ class RunPlace:
             pin_memory=on_gpu,
             fast_cpu_dropout=device.type == "cpu" and cfg.train.fast_cpu_dropout and not cfg.train.compile,
             keep_freed_memory=device.type == "cpu" and cfg.runtime.keep_freed_cpu_memory,
+            fsdp=fsdp,
             **dict(zip(("job", "restart"), job_attempt(os.environ), strict=True)),
         )
 
     def record(self) -> dict[str, Any]:
         """The place as JSON values (metrics.jsonl's setup event)."""
-        return {**{k: v for k, v in asdict(self).items() if k not in ("device", "is_main")}, "device": str(self.device)}
+        return {
+            **{k: v for k, v in asdict(self).items() if k not in ("device", "is_main")},
+            "device": str(self.device),
+            "sharding": self.sharding,
+        }
+
+    @property
+    def sharding(self) -> str:
+        """How the model's training state is laid out over the ranks: ddp, zero1/2/3 or fsdp2 (what a checkpoint
+        of this run can resume under)."""
+        return "fsdp2" if self.fsdp is not None else f"zero{self.zero_stage}" if self.zero_stage else "ddp"
 
     def describe(self) -> str:
         tf32 = ", TF32 for fp32 matmuls" if self.tf32 else ""
+        if self.fsdp is not None:
+            offload = "shards offloaded to CPU memory" if self.fsdp.offload and self.device.type == "cuda" else (
+                "offload: on a CPU the shards are in host memory already" if self.fsdp.offload else "")  # fmt: skip
+            reshard = "" if self.fsdp.reshard_after_forward else "gathered parameters kept from forward to backward"
+            notes = "; ".join(n for n in (offload, reshard) if n)
+            tf32 += f", one FSDP2 unit per encoder layer{f' ({notes})' if notes else ''}"
         return (f"world size {self.world_size} ({self.distributed_type}, {self.backend or 'no backend'}) on "
                 f"{self.device} ({self.threads} thread{'s' if self.threads != 1 else ''} per process), "
                 f"precision {self.precision}{tf32}")  # fmt: skip
@@ -536,12 +582,15 @@ def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def memory_report(model: torch.nn.Module, optimizer, stage: int) -> dict[str, int]:
+def memory_report(model: torch.nn.Module, optimizer, place: RunPlace) -> dict[str, int]:
     """Bytes this rank holds, read from the live model and optimizer after the first optimizer step (optimizer
     state is created lazily): parameters, gradients, optimizer moments and, under ZeRO, fp32 master partitions.
 
     Gradients: without ZeRO and under ZeRO-1 each rank keeps a full gradient per trainable parameter; under
     ZeRO-2/3 only the partition it updates, the size of its fp32 partition."""
+    if place.fsdp is not None:
+        return fsdp_memory(model, optimizer)
+    stage = place.zero_stage
     params = list(model.parameters())
     if stage == 3:  # each rank keeps its partition in ds_tensor; p.data is an empty placeholder
         param_bytes = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in params)
@@ -568,6 +617,34 @@ def memory_report(model: torch.nn.Module, optimizer, stage: int) -> dict[str, in
         "optimizer_state": _tensor_bytes(moments),
         "fp32_master": master_bytes,
     }
+
+
+class SavedActivations:
+    """Bytes of the tensors autograd keeps for backward (activations), counted once per storage, inside
+    `counting()`: what train.gradient_checkpointing saves. Parameters are not counted; tensors saved inside a
+    checkpointed layer are not saved at all (its own hooks recompute them), so they are not counted either."""
+
+    def __init__(self):
+        self.bytes = 0
+        self._seen: set[int] = set()
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not (tensor.is_leaf and tensor.requires_grad):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in self._seen:
+                self._seen.add(storage.data_ptr())
+                self.bytes += storage.nbytes()
+        return tensor
+
+    def counting(self):
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+
+    def first_forward(self):
+        """`counting()` the first time (the run's first micro-batch), a no-op after."""
+        if self._seen or self.bytes:
+            return contextlib.nullcontext()
+        self._seen.add(-1)  # counted once, even if nothing is saved
+        return self.counting()
 
 
 DEEPSPEED_FP32_PARTITIONS = (
@@ -639,6 +716,20 @@ class StopRequest:
     def agreed(self, accelerator: Accelerator) -> bool:
         """Whether any rank was signalled (collective: every rank asks at the same point)."""
         return agree(accelerator, [self.requested], [])[0]
+
+
+def prepare(accelerator: Accelerator, place: RunPlace, model: torch.nn.Module, optimizer):
+    """The model and optimizer as the run trains them: Accelerate's (DDP, DeepSpeed), or as they are under FSDP2,
+    whose model the harness has sharded (`harness.fsdp.shard_model`) before the optimizer was built."""
+    if place.fsdp is not None:
+        return model, optimizer
+    return accelerator.prepare(model, optimizer)
+
+
+def micro_batch(place: RunPlace, model: torch.nn.Module, last: bool):
+    """Context of one micro-batch's forward and backward: under FSDP2 no reduce-scatter or reshard before the
+    step's last (`accelerator.accumulate` does the same for DDP, and DeepSpeed its own)."""
+    return fsdp_micro_batch(model, last) if place.fsdp is not None else contextlib.nullcontext()
 
 
 def agree(accelerator: Accelerator, host_flags: list[bool], device_flags: list[torch.Tensor]) -> list[bool]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ from harness.cpu_dropout import use_fast_cpu_dropout
 from harness.data.sampler import EpochPlanner, StepLayout, rank_micro_batches, step_example_count
 from harness.distributed import (
     RunPlace,
+    SavedActivations,
     StopRequest,
     agree,
     build_accelerator,
@@ -41,19 +42,23 @@ from harness.distributed import (
     deepspeed_overflow,
     keep_freed_cpu_memory,
     memory_report,
+    micro_batch,
     precision_warning,
+    prepare,
     release_setup_memory,
     torch_optimizer,
     wait_for_everyone_untimed,
 )
 from harness.evaluation import BestSoFar
 from harness.faults import inject_fault, injected_faults, pause
+from harness.fsdp import full, shard_model
 from harness.model import (
     attention_in_use,
     compile_model,
     compiled_graph_count,
     describe_learning_rates,
     describe_weight_decay,
+    enable_gradient_checkpointing,
     max_positions,
     parameter_groups,
 )
@@ -96,6 +101,8 @@ class Run:
     stop: StopRequest
     resumed_from: ResumePoint | None
     started: float
+    activations: SavedActivations = field(default_factory=SavedActivations)
+    """What the run's first forward keeps for backward (the memory line)."""
 
 
 def run(cfg: ExperimentConfig, task: Task | None = None) -> dict:
@@ -159,14 +166,20 @@ def setup(cfg: ExperimentConfig, task: Task) -> Run:
         log.info(f"fast CPU dropout: {swapped['dropout_modules']} dropout modules, "
                  f"{swapped['attention_models']} attention implementation(s) swapped{kept}")  # fmt: skip
     flop_counter = flop_counter_for(model)  # before prepare: ZeRO-3 partitions the parameters
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if place.fsdp is not None:  # FSDP2: sharded now, so that the optimizer is built on the shards
+        model = shard_model(model, place.fsdp, place.precision, place.device)
     groups = parameter_groups(model, cfg.train.weight_decay, cfg.train.lr, cfg.train.layer_lr_decay)
     # Described now: the optimizer and its schedule change the groups' "lr" in place (DeepSpeed keeps our dicts).
     group_rows = [{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"], "params": g["param_names"]}
                   for g in groups]  # fmt: skip
     optimizer_text = f"learning rates: {describe_learning_rates(groups)}; {describe_weight_decay(groups)}"
-    attention = attention_in_use(model)
     optimizer = build_optimizer(groups, cfg.train, place.device)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    optimizer_text = f"AdamW ({'fused' if optimizer.defaults.get('fused') else 'foreach'}); {optimizer_text}"
+    attention = attention_in_use(model)
+    model, optimizer = prepare(accelerator, place, model, optimizer)
+    checkpoints.track(model, optimizer)
     if cfg.train.compile:
         compile_model(accelerator.unwrap_model(model))  # compiled lazily, at the first forward
     peak, peak_source = None, ""
@@ -338,10 +351,13 @@ def forward_backward(r: Run, batches, weight: float, fault: str | None) -> torch
     scaled by world x grad_accum / (the step's weight) to make the update exactly sum / weight."""
     scale = r.place.world_size * r.cfg.train.grad_accum / (weight if weight > 0 else 1)
     step_loss = torch.zeros((), device=r.place.device)
-    for _ in range(r.cfg.train.grad_accum):
+    for micro in range(r.cfg.train.grad_accum):
         batch = {k: v.to(r.place.device, non_blocking=True) for k, v in next(batches).items()}
-        with r.accelerator.accumulate(r.model):  # no gradient sync until the step's last micro-batch
-            loss_sum = inject_fault(r.task.loss_sum(r.ctx, r.model, batch), fault)
+        last = micro == r.cfg.train.grad_accum - 1
+        # No gradient sync (DDP, DeepSpeed, FSDP2) until the step's last micro-batch.
+        with r.accelerator.accumulate(r.model), micro_batch(r.place, r.model, last):
+            with r.activations.first_forward():  # counts what the run's first forward keeps for backward
+                loss_sum = inject_fault(r.task.loss_sum(r.ctx, r.model, batch), fault)
             r.accelerator.backward(loss_sum * scale)
         step_loss += loss_sum.detach()
     return step_loss
@@ -356,9 +372,11 @@ def gradient_norm(r: Run) -> torch.Tensor | None:
         return deepspeed_grad_norm(r.accelerator)
     params = [p for p in r.model.parameters() if p.grad is not None]
     if r.cfg.train.max_grad_norm > 0:
-        return r.accelerator.clip_grad_norm_(params, r.cfg.train.max_grad_norm)
-    r.accelerator.unscale_gradients()
-    return torch.nn.utils.get_total_norm([p.grad for p in params])
+        norm = r.accelerator.clip_grad_norm_(params, r.cfg.train.max_grad_norm)
+    else:
+        r.accelerator.unscale_gradients()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    return full(norm)  # FSDP2: the norm of sharded gradients is itself a DTensor (collective)
 
 
 def nonfinite(value: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -427,14 +445,17 @@ def log_training(r: Run, epoch: float, grad_norm: torch.Tensor | None) -> None:
 
 def report_memory(r: Run) -> None:
     """Per-rank parameter / gradient / optimizer-state bytes, so users see what each ZeRO stage buys them."""
-    row = memory_report(r.accelerator.unwrap_model(r.model), r.optimizer, r.place.zero_stage)
+    row = {**memory_report(r.accelerator.unwrap_model(r.model), r.optimizer, r.place),
+           "activations": r.activations.bytes}  # fmt: skip
     per_rank = gather_object([row])
     mib = 2**20
+    checkpointing = " (gradient checkpointing)" if r.cfg.train.gradient_checkpointing else ""
     for rank, row in enumerate(per_rank):
         r.log.info(
             f"memory rank {rank}: parameters {row['parameters'] / mib:.2f} MiB, gradients "
             f"{row['gradients'] / mib:.2f} MiB, optimizer state {row['optimizer_state'] / mib:.2f} MiB, "
-            f"fp32 master {row['fp32_master'] / mib:.2f} MiB"
+            f"fp32 master {row['fp32_master'] / mib:.2f} MiB, activations kept for backward "
+            f"{row['activations'] / mib:.2f} MiB{checkpointing}"
         )
     r.log.record("memory", per_rank=per_rank)
 

@@ -343,6 +343,39 @@ def _group_name(exponent: int, layers: int) -> str:
     return "embeddings" if exponent == layers + 1 else f"layer {layers - exponent}"
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """train.gradient_checkpointing: each encoder layer's activations are recomputed in backward, non-reentrant
+    (it works under DDP, ZeRO and FSDP2, and replays the RNG, so dropout masks are the same in the recomputation):
+    transformers' own per-layer checkpointing where the family has it, else (ALBERT) each of the layers the family
+    registry finds, wrapped here."""
+    encoder = transformer_in(model)
+    kwargs = {"use_reentrant": False}
+    if getattr(encoder, "supports_gradient_checkpointing", False):
+        if hasattr(encoder, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        return
+    try:
+        parts = structure_of(encoder, "train.gradient_checkpointing")
+    except StructureError as exc:
+        raise ModelError(str(exc)) from exc
+    for layer in {id(layer): layer for layer in parts.layers}.values():  # ALBERT's layers share one group
+        layer.forward = _checkpointed(layer, layer.forward)
+
+
+def _checkpointed(module: nn.Module, forward):
+    """`forward`, recomputed in backward when training (plain in evaluation: nothing is kept for backward)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def run(*args, **kwargs):
+        if module.training and torch.is_grad_enabled():
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    return run
+
+
 def compile_model(module: torch.nn.Module) -> None:
     """torch.compile in place (parameter names and state_dict keys stay as they are, so checkpoints and exports
     do not change). Dynamic shapes: length-bucketed batches have many distinct (batch, length) shapes, and

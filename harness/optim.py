@@ -11,15 +11,15 @@ from harness.config import TrainConfig
 
 
 def build_optimizer(param_groups: list[dict], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    # Fused AdamW runs one kernel for all parameters; torch has it for CPU and CUDA float tensors.
-    fused = device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(
-        param_groups,
-        lr=cfg.lr,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_eps,
-        fused=fused,
-    )
+    """AdamW, fused where torch has it for these parameters (CPU and CUDA float tensors, FSDP2's DTensor shards
+    included), else the foreach implementation (`optimizer.defaults["fused"]` says which; the run logs it)."""
+    kwargs = {"lr": cfg.lr, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_eps}
+    if device.type in ("cpu", "cuda"):
+        try:
+            return torch.optim.AdamW(param_groups, fused=True, **kwargs)  # one kernel for all parameters
+        except (RuntimeError, TypeError, ValueError):  # a parameter kind fused AdamW does not take
+            pass
+    return torch.optim.AdamW(param_groups, foreach=True, **kwargs)
 
 
 def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:

@@ -20,7 +20,7 @@ from launch.commands import DEFAULT_SCRIPT, INTENTS, Command, Host, Request, bui
 from launch.slurm import LaunchError
 
 USAGE = """\
-python -m launch {debug,cpu,gpus,zero1,zero2,zero3,zero3-offload} [N] [--script PATH] [--dry-run] [--max-restarts N]
+python -m launch {debug,cpu,gpus,zero1,zero2,zero3,zero3-offload,fsdp,fsdp-offload} [N] [--script PATH] [--dry-run] [--max-restarts N]
                  [--nodes K --node-rank R --head-addr HOST --port P | --from-slurm] -- ENTRY_ARGS..."""
 
 EPILOG = """\
@@ -28,6 +28,7 @@ examples:
   python -m launch debug -- --config configs/quickstart.yaml
   python -m launch cpu 2 -- --config configs/quickstart.yaml
   python -m launch zero2 8 -- --config configs/imdb_bert_base.yaml
+  python -m launch fsdp 8 -- --config configs/imdb_bert_base.yaml
   python -m launch zero3 8 --nodes 2 --node-rank 0 --head-addr node01 --port 29500 -- --config ...
   srun --ntasks-per-node=1 python -m launch gpus --from-slurm -- --config ...
 
@@ -54,7 +55,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--max-restarts", type=_count, default=0, metavar="N",
                         help="restart the node's processes N times after one fails; they resume from the newest "
                              "checkpoint (torchrun's elastic restarts; for preemption, use SLURM's requeue)")  # fmt: skip
-    nodes = parser.add_argument_group("multi-node (gpus, zero*, cpu)")
+    nodes = parser.add_argument_group("multi-node (gpus, zero*, fsdp*, cpu)")
     nodes.add_argument("--nodes", type=_positive_int, metavar="K", help="number of nodes")
     nodes.add_argument("--node-rank", type=int, metavar="R", help="this node's rank, 0 on the head node")
     nodes.add_argument("--head-addr", metavar="HOST", help="address of the node-rank-0 host")

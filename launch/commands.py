@@ -16,6 +16,8 @@ WORLD_SIZE/RANK/LOCAL_RANK):
   DeepSpeed path starts N torchrun-style processes on CPU-only machines too (N ranks seen for N = 2, 3),
   so the same command serves GPUs and the CPU tests. Across nodes we pass `--deepspeed_multinode_launcher
   standard` (one launcher per node, as srun starts them); the default, pdsh, would ssh from a hostfile.
+* fsdp|fsdp-offload N: `accelerate launch` with configs/accelerate/fsdp2*.yaml (N torchrun-style processes, also
+  without GPUs); the harness shards the model itself (harness/fsdp.py).
 """
 
 from __future__ import annotations
@@ -34,8 +36,12 @@ ZERO_CONFIGS = {
     "zero3": f"{ACCELERATE_CONFIG_DIR}/zero3.yaml",
     "zero3-offload": f"{ACCELERATE_CONFIG_DIR}/zero3_offload.yaml",
 }
+FSDP_CONFIGS = {
+    "fsdp": f"{ACCELERATE_CONFIG_DIR}/fsdp2.yaml",
+    "fsdp-offload": f"{ACCELERATE_CONFIG_DIR}/fsdp2_offload.yaml",
+}
 MULTI_GPU_CONFIG = f"{ACCELERATE_CONFIG_DIR}/multi_gpu.yaml"
-INTENTS = ("debug", "cpu", "gpus", *ZERO_CONFIGS)
+INTENTS = ("debug", "cpu", "gpus", *ZERO_CONFIGS, *FSDP_CONFIGS)
 
 DEBUG_OVERRIDES = (
     "train.max_steps=20",
@@ -230,7 +236,7 @@ def _one_process_command(request: Request, env: Mapping[str, str], place: Placem
 
 def _accelerate_command(request: Request, place: Placement, nproc: int) -> Command:
     total = nproc * place.nodes
-    config = MULTI_GPU_CONFIG if request.intent == "gpus" else ZERO_CONFIGS[request.intent]
+    config = MULTI_GPU_CONFIG if request.intent == "gpus" else {**ZERO_CONFIGS, **FSDP_CONFIGS}[request.intent]
     argv = ["accelerate", "launch", "--config_file", config, "--num_processes", str(total)]
     if place.nodes > 1:
         argv += ["--num_machines", str(place.nodes), "--machine_rank", str(place.node_rank)]

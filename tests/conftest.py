@@ -77,17 +77,48 @@ def start_harness(config: Path, *overrides: str, nproc: int = 1, entry: Path = T
     return ranks.start(ENTRY_NAMES[entry], ["--config", str(config), *overrides], nproc, env_extra)
 
 
+def fsdp_env(offload: bool = False) -> dict[str, str]:
+    """What `accelerate launch --config_file configs/accelerate/fsdp2[_offload].yaml` exports to its processes."""
+    from harness.distributed import accelerate_launch_env
+
+    config = ROOT / "configs" / "accelerate" / ("fsdp2_offload.yaml" if offload else "fsdp2.yaml")
+    return accelerate_launch_env(["--config_file", str(config)], num_processes=2)
+
+
 def deepspeed_env(stage: int, config_file: Path | None = None) -> dict[str, str]:
     """What `accelerate launch --use_deepspeed --zero_stage N [--deepspeed_config_file F]` exports to its
     processes, from Accelerate's own launcher code; tests/distributed/test_launch_cpu.py runs the real one."""
-    from harness.distributed import accelerate_deepspeed_env  # here: conftest's import must not wait for torch's
+    from harness.distributed import accelerate_launch_env  # here: conftest's import must not wait for torch's
 
     flags = ["--use_deepspeed", "--zero_stage", str(stage), "--num_machines", "1", "--mixed_precision", "no",
              "--dynamo_backend", "no", *(["--deepspeed_config_file", str(config_file)] if config_file else [])]  # fmt: skip
-    return accelerate_deepspeed_env(flags, num_processes=2)
+    return accelerate_launch_env(flags, num_processes=2)
 
 
 free_port = ranks.free_port
+
+
+def assert_trains_like(out: Path, reference: Path, steps: int, clip: float) -> None:
+    """`out` trained as `reference` (DDP) did: the same steps, losses within 1e-5 and gradient norms within 1e-4
+    (relative; clipping at `clip` active on every step), final weights within 1e-5 (the tolerance every sharding's
+    parity test uses)."""
+    import torch
+    from safetensors.torch import load_file
+
+    ref_rows, rows = ([r for r in read_metrics(o) if r["event"] == "train"] for o in (reference, out))
+    assert [r["step"] for r in rows] == list(range(1, steps + 1)) == [r["step"] for r in ref_rows]
+    assert all(r["grad_norm"] > clip for r in ref_rows), "clipping must be active for this test to mean anything"
+    for expected, got in zip(ref_rows, rows, strict=True):
+        assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5), (
+            expected["step"],
+            expected["loss"],
+            got["loss"],
+        )
+        assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4)
+    a, b = (load_file(str(o / "final" / "model.safetensors")) for o in (reference, out))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 def read_results(output_dir: Path) -> dict:

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import pipeline
 
-from tests.conftest import deepspeed_env, read_metrics, read_results, run_harness, tiny_config
+from tests.conftest import assert_trains_like, deepspeed_env, read_metrics, read_results, run_harness, tiny_config
 from tests.tiny_families import save_tiny_model
 
 pytest.importorskip("deepspeed", reason="needs the deepspeed package")
@@ -69,27 +69,16 @@ def assert_same_model_view(out, ddp):
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_matches_ddp(stage, config, ddp, tmp_path):
     out = tmp_path / f"zero{stage}"
-    run_harness(config, *COMMON, f"output_dir={out}", nproc=2, env_extra=deepspeed_env(stage))
+    # ZeRO-3 (parameters gathered per layer) recomputes each layer in backward: the same gradients.
+    checkpointing = ["train.gradient_checkpointing=true"] if stage == 3 else []
+    run_harness(config, *COMMON, *checkpointing, f"output_dir={out}", nproc=2, env_extra=deepspeed_env(stage))
     assert read_results(out)["world_size"] == 2
     setup = read_metrics(out)[0]
     assert setup["distributed_type"] == "DEEPSPEED" and setup["world_size"] == 2 and setup["zero_stage"] == stage
     assert_same_model_view(out, ddp)
 
-    ddp_rows, zero_rows = train_rows(ddp), train_rows(out)
-    assert [r["step"] for r in zero_rows] == list(range(1, STEPS + 1)) == [r["step"] for r in ddp_rows]
-    assert all(r["grad_norm"] > 0.01 for r in ddp_rows), "clipping must be active for this test to mean anything"
-    for d, z in zip(ddp_rows, zero_rows, strict=True):
-        assert z["loss"] == pytest.approx(d["loss"], rel=1e-5), (d["step"], d["loss"], z["loss"])
-        assert z["grad_norm"] == pytest.approx(d["grad_norm"], rel=1e-4)
-
     # The exported final model (under ZeRO-3: consolidated from the shards) equals DDP's parameters.
-    ddp_weights, zero_weights = (
-        load_file(str(ddp / "final" / "model.safetensors")),
-        load_file(str(out / "final" / "model.safetensors")),
-    )
-    assert ddp_weights.keys() == zero_weights.keys()
-    for key in ddp_weights:
-        torch.testing.assert_close(zero_weights[key], ddp_weights[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert_trains_like(out, ddp, STEPS, clip=0.01)
 
     # What each rank holds, measured from the engine: ZeRO-1/2 halve optimizer state, ZeRO-3 parameters too.
     ddp_mem, zero_mem = memory(ddp), memory(out)

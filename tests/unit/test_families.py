@@ -191,3 +191,32 @@ def test_pairs_get_token_types_only_where_the_model_embeds_a_second_type(folders
     tokenizer, model = load_model(ModelConfig(name_or_path=str(folders["roberta"])), "classifier", LABELS, seed=0)
     model.config.type_vocab_size = 1
     assert not takes_token_types(tokenizer, model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_fewer_activations(family, folders):
+    # With dropout on and the fast CPU dropout in place: the recomputation replays torch's RNG, so each layer
+    # draws the same masks twice. Activations kept for backward are counted as the memory line counts them.
+    from harness.cpu_dropout import use_fast_cpu_dropout
+    from harness.distributed import SavedActivations
+    from harness.model import enable_gradient_checkpointing
+
+    gradients, kept = [], []
+    for checkpointing in (False, True):
+        _, model = load_model(ModelConfig(name_or_path=str(folders[family]), dropout=0.1), "classifier", LABELS, 0)
+        use_fast_cpu_dropout(model)
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        model.train()
+        tokenizer = load_model(ModelConfig(name_or_path=str(folders[family])), "classifier", LABELS, 0)[0]
+        activations = SavedActivations()
+        torch.manual_seed(5)
+        with activations.counting():
+            loss = model(**batch(tokenizer), labels=torch.tensor([0, 1, 1])).loss
+        loss.backward()
+        gradients.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        kept.append(activations.bytes)
+    assert gradients[0].keys() == gradients[1].keys()
+    for name, grad in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert 0 < kept[1] < 0.6 * kept[0], kept

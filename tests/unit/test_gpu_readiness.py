@@ -65,10 +65,17 @@ def test_tf32_follows_the_setting():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
-def test_an_fsdp_launch_without_gpus_is_bad_input_naming_the_alternatives(monkeypatch):
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+def test_an_fsdp1_launch_or_what_fsdp2_does_not_run_is_bad_input_naming_the_fix(monkeypatch):
     cfg = config_from_dict({"model": {"name_or_path": "builtin:tiny-bert"}})
-    with pytest.raises(ConfigError, match=r"FSDP .*GPUs only.*DeepSpeed ZeRO \(python -m launch zero2 N"):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(
+        ConfigError, match=r"FSDP version 1 .*FSDP2 only; set fsdp_version: 2 \(configs/accelerate/fsdp2"
+    ):
+        distributed.build_accelerator(cfg)
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
+    with pytest.raises(ConfigError, match="set train.gradient_checkpointing=true"):
         distributed.build_accelerator(cfg)
 
 
@@ -131,12 +138,16 @@ def test_cpu_threads_stay_within_the_slurm_allocation(monkeypatch):
 
 
 def test_the_forked_runs_deepspeed_environment_is_accelerate_launchs():
-    env = distributed.accelerate_deepspeed_env(["--config_file", "configs/accelerate/zero3.yaml"], num_processes=1)
+    env = distributed.accelerate_launch_env(["--config_file", "configs/accelerate/zero3.yaml"], num_processes=1)
     assert env["ACCELERATE_USE_DEEPSPEED"] == "true" and env["ACCELERATE_DEEPSPEED_ZERO3_INIT"] == "false"
     assert env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] == "configs/deepspeed/zero3.json"
     assert all(key.startswith("ACCELERATE_") for key in env)
-    with pytest.raises(ValueError, match="not a DeepSpeed launch"):
-        distributed.accelerate_deepspeed_env(["--config_file", "configs/accelerate/cpu_gloo.yaml"], num_processes=2)
+    fsdp = distributed.accelerate_launch_env(["--config_file", "configs/accelerate/fsdp2_offload.yaml"], 2)
+    assert (
+        fsdp["ACCELERATE_USE_FSDP"] == "true" and fsdp["FSDP_VERSION"] == "2" and fsdp["FSDP_OFFLOAD_PARAMS"] == "true"
+    )
+    with pytest.raises(ValueError, match="neither a DeepSpeed nor an FSDP launch"):
+        distributed.accelerate_launch_env(["--config_file", "configs/accelerate/cpu_gloo.yaml"], num_processes=2)
 
 
 def test_a_users_default_accelerate_config_does_not_reach_the_forked_runs(monkeypatch, tmp_path):
@@ -148,7 +159,7 @@ def test_a_users_default_accelerate_config_does_not_reach_the_forked_runs(monkey
                        "deepspeed_config:\n  zero_stage: 3\n  gradient_accumulation_steps: 4\n")  # fmt: skip
     monkeypatch.setattr(launch, "default_config_file", str(default))
     monkeypatch.setattr(config_args, "default_config_file", str(default))
-    env = distributed.accelerate_deepspeed_env(["--use_deepspeed", "--zero_stage", "2", "--mixed_precision", "no"], 2)
+    env = distributed.accelerate_launch_env(["--use_deepspeed", "--zero_stage", "2", "--mixed_precision", "no"], 2)
     assert env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "2" and env["ACCELERATE_MIXED_PRECISION"] == "no"
     assert "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" not in env and env["ACCELERATE_CONFIG_DS_FIELDS"] == ""
     assert launch.default_config_file == str(default)  # put back

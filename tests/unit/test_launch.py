@@ -12,6 +12,7 @@ from launch.__main__ import main as launch_main
 from launch.__main__ import parse_args
 from launch.commands import (
     DEBUG_OVERRIDES,
+    FSDP_CONFIGS,
     INTENTS,
     MULTI_GPU_CONFIG,
     ZERO_CONFIGS,
@@ -387,9 +388,9 @@ def _load_yaml(path):
 
 
 def test_every_intent_has_its_config_files():
-    for config in [MULTI_GPU_CONFIG, *ZERO_CONFIGS.values()]:
+    for config in [MULTI_GPU_CONFIG, *ZERO_CONFIGS.values(), *FSDP_CONFIGS.values()]:
         assert (ROOT / config).is_file(), config
-    assert set(INTENTS) == {"debug", "cpu", "gpus", "zero1", "zero2", "zero3", "zero3-offload"}
+    assert set(INTENTS) == {"debug", "cpu", "gpus", "zero1", "zero2", "zero3", "zero3-offload", "fsdp", "fsdp-offload"}
     names = {p.name for p in ACCELERATE_CONFIGS}
     assert {"multi_node_gpu.yaml", "multi_node_zero3.yaml", "cpu_gloo.yaml"} <= names
 
@@ -423,11 +424,19 @@ def test_accelerate_config_loads_and_says_how_to_use_it(path):
 @pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
 def test_no_accelerate_config_uses_the_one_process_cpu_forms(path):
     # `distributed_type: MULTI_CPU` (or use_cpu: true) makes `accelerate launch` start ONE process unless
-    # mpirun is configured; N CPU processes come from a torchrun-style launch (MULTI_GPU or DEEPSPEED types).
+    # mpirun is configured; N CPU processes come from a torchrun-style launch (MULTI_GPU, DEEPSPEED, FSDP types).
     cfg = _load_yaml(path)
-    assert cfg["distributed_type"] in ("NO", "MULTI_GPU", "DEEPSPEED")
+    assert cfg["distributed_type"] in ("NO", "MULTI_GPU", "DEEPSPEED", "FSDP")
     assert cfg.get("use_cpu", False) is False
     assert cfg["num_processes"] >= 2 or cfg["distributed_type"] == "NO"
+
+
+@pytest.mark.parametrize("intent", list(FSDP_CONFIGS))
+def test_fsdp_configs_are_fsdp2_and_offload_as_their_intent_says(intent):
+    fsdp = _load_yaml(ROOT / FSDP_CONFIGS[intent])["fsdp_config"]
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_offload_params"] is (intent == "fsdp-offload")
+    assert command(intent, 2).argv[:6] == ["accelerate", "launch", "--config_file", FSDP_CONFIGS[intent],
+                                           "--num_processes", "2"]  # fmt: skip
 
 
 @pytest.mark.parametrize("intent", list(ZERO_CONFIGS))
