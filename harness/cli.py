@@ -1,8 +1,9 @@
 """Command line shared by the entry points: `--config FILE [--print-config] [key=value ...]`.
 
 Exit codes: 0 done; 2 bad input (config, data, model, resume), reported before any training work starts;
-3 too many non-finite losses; 4 a checkpoint could not be written; 75 stopped by SIGTERM/SIGUSR1 after a
-checkpoint (requeue and run the same command to resume).
+3 too many non-finite losses; 4 a checkpoint could not be written; 5 the run completed but pushing it to the
+Hub (hub.push_to) failed; 75 stopped by SIGTERM/SIGUSR1 after a checkpoint (requeue and run the same command to
+resume).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from harness.rundir import write_exit_status
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
 EXIT_SAVE_FAILED = 4
+EXIT_PUSH_FAILED = 5
 
 
 def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
@@ -48,6 +50,7 @@ def main_entry(
     from harness.distributed import EXIT_REQUEUE, Preempted, StoppedBeforeTraining
     from harness.loop import NonFiniteLoss
     from harness.model import ModelError
+    from harness.push import PushError
 
     try:
         run(cfg)
@@ -67,5 +70,10 @@ def main_entry(
         print(f"error: {exc}", file=sys.stderr, flush=True)
         write_exit_status(cfg.output_dir, "failed", EXIT_SAVE_FAILED)
         return EXIT_SAVE_FAILED
+    except PushError as exc:  # the run itself completed: its results stay, the push can be redone by hand
+        print(f"error: {exc}; the run completed: python -m harness.push <output_dir>/best --repo-id "
+              f"{cfg.hub.push_to} retries the push", file=sys.stderr, flush=True)  # fmt: skip
+        write_exit_status(cfg.output_dir, "completed", EXIT_PUSH_FAILED)
+        return EXIT_PUSH_FAILED
     write_exit_status(cfg.output_dir, "completed", 0)
     return 0

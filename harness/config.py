@@ -233,6 +233,15 @@ class LoggingConfig:
 
 
 @dataclass
+class HubConfig:
+    push_to: str | None = None
+    """A Hub repository (user/name) that a completed run's best model (best/, else final/) is pushed to, with its
+    model card; checked at start (not offline, a token at hand), pushed by the main process at the end."""
+    private: bool = False
+    """Create the repository private (when it does not exist yet)."""
+
+
+@dataclass
 class AugmentConfig:
     ops: list[str] = field(default_factory=list)
     """Train-time text augmentations in order, as name:strength (word_dropout, swap, synonym, or registered)."""
@@ -268,6 +277,8 @@ class ExperimentConfig:
     """Console and metrics logging."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Train-time text augmentation (fine-tuning)."""
+    hub: HubConfig = field(default_factory=HubConfig)
+    """Sharing the result on the Hugging Face Hub."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
+from harness.card import write_model_cards
 from harness.checkpoint import (
     CheckpointManager,
     ResumePoint,
@@ -63,6 +64,7 @@ from harness.model import (
     parameter_groups,
 )
 from harness.optim import build_optimizer, build_scheduler
+from harness.push import PushError, hub_ready, push
 from harness.rundir import PREDICTIONS_FILE, RunDirectory, remove_run_files
 from harness.tasks import Task, TaskSetup
 from harness.tasks.classification import ClassificationTask
@@ -121,6 +123,11 @@ def setup(cfg: ExperimentConfig, task: Task) -> Run:
     the run's files started or its checkpoint loaded."""
     started = time.monotonic()
     quiet_library_progress_bars()
+    if cfg.hub.push_to:  # a push the end could not make: refused now, before any work
+        try:
+            hub_ready()
+        except PushError as exc:
+            raise ConfigError([f"hub.push_to={cfg.hub.push_to}: {exc}"]) from exc
     stop = StopRequest().install()  # phase setup: a signal stops the run at once
     accelerator, place = build_accelerator(cfg)
     # One shared folder, one run in it, a finished run left alone; then the start decided once, by rank 0.
@@ -520,10 +527,14 @@ def finish(r: Run) -> dict:
     }
     if r.place.is_main:
         (r.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_model_cards(r.out)  # README.md in best/ and final/, from the run's files
     log.info(f"results: {r.out / 'results.json'}; best model: {r.out / 'best'}; "
              f"report: python -m harness.report {r.out}")  # fmt: skip
     r.accelerator.wait_for_everyone()
     r.accelerator.end_training()
+    if cfg.hub.push_to and r.place.is_main:  # after the last collective: the other ranks need not wait for it
+        folder = r.out / ("best" if (r.out / "best").is_dir() else "final")
+        log.info(f"pushed {folder} to {push(folder, cfg.hub.push_to, cfg.hub.private)}")
     return results
 
 
