@@ -5,6 +5,7 @@
     python -m harness.predict --model runs/nli/best --file pairs.jsonl          # {"text": ..., "text_pair": ...}
     python -m harness.predict --model runs/nli/best --file premises.txt --pair-file hypotheses.txt
     python -m harness.predict --model runs/imdb/best --file reviews.txt --long windows --stride 128
+    python -m harness.predict --model runs/imdb/onnx --backend onnx "a great film"   # python -m harness.export
     cat reviews.txt | python -m harness.predict --model runs/quickstart/best
 
 A run's export carries its input pipeline (harness.json: max_length, truncation, pairs, problem type, labels,
@@ -119,6 +120,23 @@ def load_classifier(model_dir: str | Path, device: str | None = None, trust_remo
     return tokenizer, model.to(device).eval()
 
 
+def load_onnx_classifier(model_dir: str | Path):
+    """Tokenizer and onnxruntime session of a `python -m harness.export --onnx` folder."""
+    from transformers import AutoTokenizer
+
+    from harness.export import ONNX_FILE, ExportError, OnnxClassifier, require_onnx
+
+    path = check_model_dir(model_dir)
+    if not (path / ONNX_FILE).is_file():
+        raise PredictError(f"--backend onnx: no {ONNX_FILE} in {path}; export one with python -m harness.export "
+                           f"{path} --onnx <folder>")  # fmt: skip
+    try:
+        require_onnx()
+    except ExportError as exc:
+        raise PredictError(f"--backend onnx: {exc}") from exc
+    return AutoTokenizer.from_pretrained(path), OnnxClassifier(path)
+
+
 def resolve_max_length(model, tokenizer, max_length: int | None) -> int:
     """`max_length`, checked against the model's limit; by default the limit itself (or 512 without one)."""
     from harness.model import max_positions
@@ -172,7 +190,7 @@ def classify(texts: list[str], tokenizer, model, batch_size: int = 32, max_lengt
     # Longest first, in batches of the run's evaluation size: the run's own batches, so its own outputs.
     lengths = np.asarray([len(row) for row in ids])
     order = np.argsort(-lengths, kind="stable")
-    device = next(model.parameters()).device
+    device = model.device
     collate = PadCollator(tokenizer.pad_token_id, 8 if device.type == "cuda" else None)
     logits = np.empty((len(ids), model.config.num_labels), dtype=np.float32)
     with torch.inference_mode():
@@ -208,6 +226,7 @@ def predict(
     long: str | None = None,
     stride: int | None = None,
     trust_remote_code: bool = False,
+    backend: str = "torch",
 ) -> list[dict]:
     """Classify `texts` with the model in `model_dir`, read as its export says (see `classify`); `long`
     ("truncate" or "windows"), `stride`, `max_length` and `batch_size` override it."""
@@ -215,7 +234,10 @@ def predict(
 
     if not texts:
         raise PredictError("no texts to classify")
-    tokenizer, model = load_classifier(model_dir, device, trust_remote_code)
+    if backend == "onnx":
+        tokenizer, model = load_onnx_classifier(model_dir)
+    else:
+        tokenizer, model = load_classifier(model_dir, device, trust_remote_code)
     try:
         spec = ServingSpec.read(Path(model_dir))
     except ValueError as exc:
@@ -272,6 +294,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "whose logits are pooled (default: as the run read them)")  # fmt: skip
     parser.add_argument("--stride", type=int, help="with --long windows: tokens shared by neighbouring windows")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--backend",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="torch (default), or onnx: a python -m harness.export --onnx folder run by onnxruntime",
+    )
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run the code the model folder ships (a run trained with model.trust_remote_code)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -315,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         check_model_dir(args.model)  # before reading stdin, so a wrong path does not wait for input
         texts, pairs = gather_inputs(args)
         predictions = predict(texts, args.model, args.batch_size, args.max_length, args.device, pairs, args.long,
-                              args.stride, args.trust_remote_code)  # fmt: skip
+                              args.stride, args.trust_remote_code, args.backend)  # fmt: skip
     except PredictError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
