@@ -227,7 +227,10 @@ class LoggingConfig:
     progress: Literal["auto", "rich", "plain"] = "auto"
     """Console display: rich progress on a terminal, plain lines otherwise (auto picks by stdout)."""
     trackers: list[str] = field(default_factory=list)
-    """Accelerate trackers to log to as well, e.g. [tensorboard] (files under <output_dir>/trackers/)."""
+    """Accelerate trackers to log to as well: tensorboard, mlflow, trackio, wandb (see harness/tracking.py)."""
+    project: str | None = None
+    """The trackers' project (MLflow experiment, trackio / W&B project) that groups runs; default: the run
+    folder's name."""
     peak_tflops: float = 0.0
     """One process's peak TFLOP/s for MFU (e.g. 989 for an H100's dense bf16); 0: measured at start (short matmul)."""
 

@@ -30,6 +30,7 @@ from harness.fsdp import FSDPSettings
 from harness.fsdp import memory as fsdp_memory
 from harness.fsdp import micro_batch as fsdp_micro_batch
 from harness.rundir import TRACKER_DIR
+from harness.tracking import check_trackers
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 FLAGS_SOURCE = "the accelerate launch DeepSpeed flags"
@@ -440,23 +441,6 @@ def check_fsdp_request(cfg: ExperimentConfig, precision: str) -> None:
                         "bf16 (or fp32)")  # fmt: skip
     if problems:
         raise ConfigError(problems, "launch")
-
-
-def check_trackers(names: list[str]) -> list[str]:
-    """Accelerate drops a tracker whose package is missing with a debug message only: refuse instead."""
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
-
-    problems = []
-    for name in names:
-        if name not in LOGGER_TYPE_TO_CLASS:
-            problems.append(
-                f"logging.trackers: unknown tracker {name!r}; Accelerate has {sorted(LOGGER_TYPE_TO_CLASS)}"
-            )
-        elif name not in [str(t) for t in get_available_trackers()]:
-            problems.append(f"logging.trackers: {name!r} is not installed here (pip install {name})")
-    if problems:
-        raise ConfigError(problems)
-    return names
 
 
 @dataclass(frozen=True)

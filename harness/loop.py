@@ -34,6 +34,7 @@ from harness.console import LossWindow, RunLog, quiet_library_progress_bars
 from harness.cpu_dropout import use_fast_cpu_dropout
 from harness.data.sampler import EpochPlanner, StepLayout, rank_micro_batches, step_example_count
 from harness.distributed import (
+    Preempted,
     RunPlace,
     SavedActivations,
     StopRequest,
@@ -65,10 +66,12 @@ from harness.model import (
 )
 from harness.optim import build_optimizer, build_scheduler
 from harness.push import PushError, hub_ready, push
+from harness.report import write_report
 from harness.rundir import PREDICTIONS_FILE, RunDirectory, remove_run_files
 from harness.tasks import Task, TaskSetup
 from harness.tasks.classification import ClassificationTask
 from harness.throughput import ThroughputMeter, flop_counter_for, run_peak_flops
+from harness.tracking import close_trackers, log_run_files, start_trackers
 
 
 class NonFiniteLoss(RuntimeError):
@@ -109,8 +112,12 @@ class Run:
 
 def run(cfg: ExperimentConfig, task: Task | None = None) -> dict:
     r = setup(cfg, task or ClassificationTask(cfg))
-    train(r)
-    return finish(r)
+    try:
+        train(r)
+        return finish(r)
+    except BaseException as exc:  # the trackers keep what they were sent, and say how the attempt ended
+        close_trackers(r.accelerator, "KILLED" if isinstance(exc, Preempted) else "FAILED")
+        raise
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -197,8 +204,9 @@ def setup(cfg: ExperimentConfig, task: Task) -> Run:
 
     start_run_files(cfg, accelerator, place, out, resume, checkpoints, log, state)
     rundir.announce(start_description(resume))
-    if cfg.logging.trackers:  # TensorBoard & co. receive every train / eval record from here on
-        accelerator.init_trackers(out.name, config=flat_scalars(cfg.to_dict()))
+    if cfg.logging.trackers:  # TensorBoard, MLflow & co. receive every train / eval record from here on
+        for place_text in start_trackers(accelerator, cfg, out, resuming=resume is not None):
+            log.info(f"tracking: {place_text}")
         log.attach_tracker(accelerator.log)
     splits = "/".join(str(len(ctx.splits[s])) if s in ctx.splits else "-" for s in ("train", "validation", "test"))
     log.info(f"{place.describe()}; {task.name}; train/validation/test = {splits}; {per_epoch} steps per epoch "
@@ -528,9 +536,17 @@ def finish(r: Run) -> dict:
     if r.place.is_main:
         (r.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         write_model_cards(r.out)  # README.md in best/ and final/, from the run's files
-    log.info(f"results: {r.out / 'results.json'}; best model: {r.out / 'best'}; "
-             f"report: python -m harness.report {r.out}")  # fmt: skip
+        files = [r.out / "results.json"]
+        if "test" in results:  # the report shows the best model's test results beside the training curves
+            try:
+                files.append(write_report(r.out))
+            except Exception as exc:  # a derived file: its failure must not fail the run that completed
+                log.warn(f"the report could not be written ({type(exc).__name__}: {exc}); the run's files are "
+                         f"complete: python -m harness.report {r.out} retries it")  # fmt: skip
+        log_run_files(r.accelerator, files)  # to the trackers that keep files
+        log.info(f"results: {'; '.join(map(str, files))}; best model: {r.out / 'best'}")
     r.accelerator.wait_for_everyone()
+    close_trackers(r.accelerator, "FINISHED")
     r.accelerator.end_training()
     if cfg.hub.push_to and r.place.is_main:  # after the last collective: the other ranks need not wait for it
         folder = r.out / ("best" if (r.out / "best").is_dir() else "final")
@@ -543,14 +559,3 @@ def write_predictions(path: Path, predictions: list[dict]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps({"index": i, **row}) + "\n" for i, row in enumerate(predictions)))
     tmp.replace(path)
-
-
-def flat_scalars(tree: dict, prefix: str = "") -> dict[str, int | float | str | bool]:
-    """The config as flat `section.key` scalars (what trackers' hyper-parameter tables accept)."""
-    flat: dict[str, int | float | str | bool] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flat_scalars(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat

@@ -189,8 +189,10 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     magnitude = 10 ** math.floor(math.log10(raw))
     step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
     first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
-    # Multiples of step (not repeated additions), so that 0.1 + 0.2 noise does not creep into the labels.
-    return [round(i * step, 12) for i in range(first, last + 1)]
+    # Multiples of step (not repeated additions), so that 0.1 + 0.2 noise does not creep into the labels;
+    # rounded to the step's own digits (a learning rate of 1e-13 has ticks too).
+    digits = max(0, -math.floor(math.log10(step))) + 3
+    return [round(i * step, digits) for i in range(first, last + 1)]
 
 
 # ---- charts ----------------------------------------------------------------------------------------------
@@ -205,7 +207,9 @@ def line_chart(
 ) -> str:
     """An inline SVG line chart of `series` ({name: [(x, y), ...]}), with an optional dashed vertical
     `marker` (x, label). Without any point, a short note instead of an empty chart."""
-    series = {name: [(float(x), float(y)) for x, y in pts if y is not None] for name, pts in series.items()}
+    # Non-finite values (a NaN validation, a diverged loss) have no place on an axis: the curve skips them.
+    series = {name: [(float(x), float(y)) for x, y in pts if y is not None and math.isfinite(float(y))]
+              for name, pts in series.items()}  # fmt: skip
     series = {name: pts for name, pts in series.items() if pts}
     if not series:
         return f'<figure class="chart"><figcaption>{html.escape(title)}</figcaption><p class="note">{html.escape(empty_message)}</p></figure>'

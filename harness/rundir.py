@@ -36,8 +36,8 @@ PROBE_PREFIX = ".harness-probe-"
 EXIT_STATUS_FILE = "exit_status.json"
 PREDICTIONS_FILE = "test_predictions.jsonl"
 TRACKER_DIR = "trackers"
-RUN_FILES = ("config.yaml", "metrics.jsonl", "results.json", "best", "final", "checkpoints", EXIT_STATUS_FILE,
-             PREDICTIONS_FILE, TRACKER_DIR)  # fmt: skip
+RUN_FILES = ("config.yaml", "metrics.jsonl", "results.json", "report.html", "best", "final", "checkpoints",
+             EXIT_STATUS_FILE, PREDICTIONS_FILE, TRACKER_DIR)  # fmt: skip
 """What a run writes into output_dir: a fresh run (overwrite=true) replaces exactly these, nothing else."""
 
 

@@ -104,6 +104,19 @@ def test_single_point_chart_is_drawn():
     assert "<svg" in svg and svg.count("<circle") == 1 and "nan" not in svg
 
 
+def test_a_tiny_flat_curve_has_distinct_ticks():
+    ticks = R.nice_ticks(8.333e-13, 8.333e-13)
+    assert len(set(ticks)) == len(ticks) >= 2 and ticks[0] <= 8.333e-13 <= ticks[-1]
+    assert "<svg" in R.line_chart("Learning rate", {"lr": [(5, 8.333e-13)]})
+
+
+def test_non_finite_values_are_left_off_the_curve():
+    svg = R.line_chart("Accuracy", {"validation": [(10, float("nan")), (20, 0.8), (30, float("inf")), (40, 0.9)]})
+    assert svg.count("<circle") == 2 and "nan" not in svg and "inf" not in svg
+    only_nan = R.line_chart("Loss", {"train": [(10, float("nan"))]}, empty_message="No finite loss.")
+    assert "<svg" not in only_nan and "No finite loss." in only_nan
+
+
 # ---- reading a run --------------------------------------------------------------------------------------
 
 
