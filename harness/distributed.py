@@ -23,7 +23,14 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, patch_environment, set_seed
+from accelerate.utils import (
+    DistributedType,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    gather_object,
+    patch_environment,
+    set_seed,
+)
 
 from harness.config import ConfigError, ExperimentConfig
 from harness.fsdp import FSDPSettings
@@ -477,6 +484,8 @@ class RunPlace:
     """The job this process belongs to across its restarts (`job_attempt`); None outside SLURM and torchrun."""
     restart: int
     """0 for a job's first attempt; how many times it was restarted (SLURM requeue, torchrun --max-restarts)."""
+    hosts: list[str]
+    """Each rank's host name, in rank order (gathered once at start)."""
 
     @classmethod
     def of(cls, accelerator: Accelerator, cfg: ExperimentConfig, precision: str,
@@ -501,6 +510,7 @@ class RunPlace:
             keep_freed_memory=device.type == "cpu" and cfg.runtime.keep_freed_cpu_memory,
             fsdp=fsdp,
             **dict(zip(("job", "restart"), job_attempt(os.environ), strict=True)),
+            hosts=gather_object([socket.gethostname()]) if accelerator.num_processes > 1 else [socket.gethostname()],
         )
 
     def record(self) -> dict[str, Any]:
@@ -525,8 +535,10 @@ class RunPlace:
             reshard = "" if self.fsdp.reshard_after_forward else "gathered parameters kept from forward to backward"
             notes = "; ".join(n for n in (offload, reshard) if n)
             tf32 += f", one FSDP2 unit per encoder layer{f' ({notes})' if notes else ''}"
-        return (f"world size {self.world_size} ({self.distributed_type}, {self.backend or 'no backend'}) on "
-                f"{self.device} ({self.threads} thread{'s' if self.threads != 1 else ''} per process), "
+        nodes = sorted(set(self.hosts))
+        across = f" on {len(nodes)} hosts ({', '.join(nodes)})" if len(nodes) > 1 else ""
+        return (f"world size {self.world_size} ({self.distributed_type}, {self.backend or 'no backend'}){across} "
+                f"on {self.device} ({self.threads} thread{'s' if self.threads != 1 else ''} per process), "
                 f"precision {self.precision}{tf32}")  # fmt: skip
 
 

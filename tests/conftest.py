@@ -153,3 +153,17 @@ def slurm_cluster(tmp_path_factory):
     cluster = LocalSlurm(tmp_path_factory.mktemp("slurm")).start()
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def two_node_cluster(tmp_path_factory):
+    """A real two-node SLURM cluster, each node in its own network, UTS and mount namespaces (own address,
+    hostname and scratch), for the session; skipped where impossible."""
+    from tests.slurm_two_nodes import TwoNodeSlurm
+
+    reason = TwoNodeSlurm.unavailable()
+    if reason:
+        pytest.skip(reason)
+    cluster = TwoNodeSlurm(tmp_path_factory.mktemp("two-nodes")).start()
+    yield cluster
+    cluster.stop()
