@@ -2,7 +2,8 @@
 
 Exit codes: 0 done; 2 bad input (config, data, model, resume), reported before any training work starts;
 3 too many non-finite losses; 4 a checkpoint could not be written; 5 the run completed but pushing it to the
-Hub (hub.push_to) failed; 75 stopped by SIGTERM/SIGUSR1 after a checkpoint (requeue and run the same command to
+Hub (hub.push_to) failed; 6 another rank was lost (its process or node died, or it hung past
+runtime.collective_timeout_s): the checkpoints written so far are intact, the same command resumes; 75 stopped by SIGTERM/SIGUSR1 after a checkpoint (requeue and run the same command to
 resume).
 """
 
@@ -19,6 +20,7 @@ EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
 EXIT_SAVE_FAILED = 4
 EXIT_PUSH_FAILED = 5
+EXIT_LOST_PEER = 6
 
 
 def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
@@ -47,7 +49,7 @@ def main_entry(
     # Imported only now: a config error is reported in a fraction of a second, before torch loads.
     from harness.checkpoint import CheckpointSaveError
     from harness.data.sources import DataError
-    from harness.distributed import EXIT_REQUEUE, Preempted, StoppedBeforeTraining
+    from harness.distributed import EXIT_REQUEUE, Preempted, StoppedBeforeTraining, lost_a_peer
     from harness.loop import NonFiniteLoss
     from harness.model import ModelError
     from harness.push import PushError
@@ -75,5 +77,15 @@ def main_entry(
               f"{cfg.hub.push_to} retries the push", file=sys.stderr, flush=True)  # fmt: skip
         write_exit_status(cfg.output_dir, "completed", EXIT_PUSH_FAILED)
         return EXIT_PUSH_FAILED
+    except Exception as exc:
+        if not lost_a_peer(exc):
+            raise
+        # Said plainly instead of a traceback: what failed is another machine or process, not this one.
+        print(f"error: lost contact with another rank ({str(exc).splitlines()[0][-300:]}): its process or node died, "
+              "or it hung; the checkpoints written so far are intact and the same command resumes from the newest. "
+              "(Under SLURM with --requeue, a job whose node failed is requeued by SLURM itself.)",
+              file=sys.stderr, flush=True)  # fmt: skip
+        write_exit_status(cfg.output_dir, "failed", EXIT_LOST_PEER)
+        return EXIT_LOST_PEER
     write_exit_status(cfg.output_dir, "completed", 0)
     return 0

@@ -661,6 +661,15 @@ class Preempted(Exception):
     """Stopped by SIGTERM/SIGUSR1 after writing a checkpoint; the same command resumes the run."""
 
 
+def lost_a_peer(exc: BaseException) -> bool:
+    """Whether a collective failed because another rank is gone or silent: its process or its node died, or it
+    hung past runtime.collective_timeout_s. NCCL raises torch's DistError family; gloo, a RuntimeError from its
+    TCP transport ("Connection reset by peer", "Timed out waiting ... for recv")."""
+    if isinstance(exc, torch.distributed.DistError):
+        return True
+    return isinstance(exc, RuntimeError) and "gloo/transport" in str(exc)
+
+
 class StoppedBeforeTraining(Preempted):
     """Stopped by SIGTERM/SIGUSR1 during setup, with nothing to save; the same command starts the run."""
 

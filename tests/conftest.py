@@ -142,17 +142,22 @@ def minilm_path() -> str:
     return str(gt.get_model_path())
 
 
+def started_cluster(cluster_class, folder: Path):
+    """A test cluster started in `folder` and stopped after; skipped with its reason where it cannot run."""
+    reason = cluster_class.unavailable()
+    if reason:
+        pytest.skip(reason)
+    cluster = cluster_class(folder).start()
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
     """A real one-node SLURM cluster (munged, slurmctld, slurmd) for the session; skipped where impossible."""
     from tests.slurm_cluster import LocalSlurm
 
-    reason = LocalSlurm.unavailable()
-    if reason:
-        pytest.skip(reason)
-    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm")).start()
-    yield cluster
-    cluster.stop()
+    yield from started_cluster(LocalSlurm, tmp_path_factory.mktemp("slurm"))
 
 
 @pytest.fixture(scope="session")
@@ -161,9 +166,4 @@ def two_node_cluster(tmp_path_factory):
     hostname and scratch), for the session; skipped where impossible."""
     from tests.slurm_two_nodes import TwoNodeSlurm
 
-    reason = TwoNodeSlurm.unavailable()
-    if reason:
-        pytest.skip(reason)
-    cluster = TwoNodeSlurm(tmp_path_factory.mktemp("two-nodes")).start()
-    yield cluster
-    cluster.stop()
+    yield from started_cluster(TwoNodeSlurm, tmp_path_factory.mktemp("two-nodes"))

@@ -44,10 +44,26 @@ class LocalSlurm:
     def write_conf(self) -> None:
         for sub in ("state", "spool"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        r = self.root
         self.conf.write_text(
-            f"""ClusterName=harnesstest
-SlurmctldHost=localhost(127.0.0.1)
+            self.conf_text(
+                "harnesstest",
+                "localhost(127.0.0.1)",
+                {"localhost": "127.0.0.1"},
+                2 * (os.cpu_count() or 1),
+                extra="KillWait=30\n",
+            )  # fmt: skip
+        )
+
+    def conf_text(self, cluster: str, controller: str, nodes: dict[str, str], cpus: int, per_node: str = "",
+                  extra: str = "") -> str:  # fmt: skip
+        """slurm.conf for `nodes` (name: address) of `cpus` CPUs each; `per_node` (e.g. "-%n") tells the
+        slurmds' spool folders, pid and log files apart where several run on this machine."""
+        r = self.root
+        node_lines = "".join(
+            f"NodeName={name} NodeAddr={addr} CPUs={cpus} State=UNKNOWN\n" for name, addr in nodes.items()
+        )
+        return f"""ClusterName={cluster}
+SlurmctldHost={controller}
 SlurmctldPort={free_port()}
 SlurmdPort={free_port()}
 AuthType=auth/munge
@@ -56,11 +72,11 @@ CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool
+SlurmdSpoolDir={r}/spool{per_node}
 SlurmctldPidFile={r}/slurmctld.pid
-SlurmdPidFile={r}/slurmd.pid
+SlurmdPidFile={r}/slurmd{per_node}.pid
 SlurmctldLogFile={r}/slurmctld.log
-SlurmdLogFile={r}/slurmd.log
+SlurmdLogFile={r}/slurmd{per_node}.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
@@ -75,11 +91,8 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 InactiveLimit=0
 MinJobAge=600
-KillWait=30
-NodeName=localhost NodeAddr=127.0.0.1 CPUs={2 * (os.cpu_count() or 1)} State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+{extra}{node_lines}PartitionName=debug Nodes={",".join(nodes)} Default=YES MaxTime=INFINITE State=UP
 """
-        )
 
     def _start_munged(self) -> None:
         if subprocess.run(["munge", "-n"], capture_output=True).returncode == 0:

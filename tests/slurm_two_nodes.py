@@ -26,7 +26,6 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.ranks import free_port
 from tests.slurm_cluster import LocalSlurm
 
 NODES = ("node1", "node2")
@@ -100,43 +99,16 @@ class TwoNodeSlurm(LocalSlurm):
     def write_conf(self) -> None:
         for sub in ("state", "scratch", *(f"scratch-{n}" for n in NODES)):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        r = self.root
-        cpus = os.cpu_count() or 1
-        nodes = "".join(f"NodeName={n} NodeAddr={self.address(n)} CPUs={cpus} State=UNKNOWN\n" for n in NODES)
+        # A node whose slurmd stops answering is down after 5 s (SLURM's default: 300).
         self.conf.write_text(
-            f"""ClusterName=harnesstwo
-SlurmctldHost={socket.gethostname()}(10.{self.net}.0.1)
-SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
-AuthType=auth/munge
-AuthInfo=cred_expire=5
-CredType=cred/munge
-SlurmUser=root
-SlurmdUser=root
-StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool-%n
-SlurmctldPidFile={r}/slurmctld.pid
-SlurmdPidFile={r}/slurmd-%n.pid
-SlurmctldLogFile={r}/slurmctld.log
-SlurmdLogFile={r}/slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-MpiDefault=none
-SchedulerType=sched/backfill
-SchedulerParameters=sched_interval=2,bf_interval=2
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
-SlurmdTimeout=5
-SlurmdParameters=config_overrides
-JobCompType=jobcomp/none
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-InactiveLimit=0
-MinJobAge=600
-KillWait=5
-{nodes}PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP
-"""
+            self.conf_text(
+                "harnesstwo",
+                f"{socket.gethostname()}(10.{self.net}.0.1)",
+                {n: self.address(n) for n in NODES},
+                os.cpu_count() or 1,
+                per_node="-%n",
+                extra="SlurmdTimeout=5\nKillWait=5\n",
+            )  # fmt: skip
         )
 
     def start_slurmd(self, node: str) -> None:
@@ -177,6 +149,17 @@ KillWait=5
             raise
         return self
 
+    def fail_node(self, node: str) -> None:
+        """As a machine that crashes: its link goes down first (its peers get silence, not a connection reset),
+        then its slurmd and every process on it die."""
+        _sh("ip", "link", "set", self.interface(node), "down")
+        self.kill_node(node)
+
+    def return_node(self, node: str) -> None:
+        """The machine back in service: its link up, its slurmd started again (ReturnToService=2 takes it)."""
+        _sh("ip", "link", "set", self.interface(node), "up")
+        self.start_slurmd(node)
+
     def kill_node(self, node: str) -> None:
         """As a machine that crashes: its slurmd and every process on it (in its network namespace) SIGKILLed."""
         for pid in _sh("ip", "netns", "pids", self.netns(node), check=False).stdout.split():
@@ -190,11 +173,7 @@ KillWait=5
         self.run("scontrol", "shutdown", check=False)
         time.sleep(0.5)
         for node in NODES:  # whatever still runs on a node (a job's processes, a slurmd that did not stop)
-            if (self.root / "scripts").exists() or True:
-                try:
-                    self.kill_node(node)
-                except FileNotFoundError:
-                    pass
+            self.kill_node(node)
         pid_file = self.root / "slurmctld.pid"
         if pid_file.is_file():
             try:

@@ -149,8 +149,10 @@ def test_a_dead_rank_ends_the_job_within_the_timeout(config, tmp_path):
     killed_at = time.monotonic()
     proc.kill(rank=1)
     done = proc.wait(timeout=90)
-    assert proc.processes[0].exitcode not in (0, None) and done.returncode != 0
+    assert proc.processes[0].exitcode == 6 and done.returncode != 0, done.stderr[-3000:]  # "lost a peer"
     assert time.monotonic() - killed_at < 60
+    assert "error: lost contact with another rank" in done.stderr
+    assert json.loads((out / "exit_status.json").read_text())["exit_code"] == 6
 
 
 def test_a_failed_save_keeps_the_previous_checkpoint(config, tmp_path):
