@@ -231,6 +231,10 @@ class LoggingConfig:
     project: str | None = None
     """The trackers' project (MLflow experiment, trackio / W&B project) that groups runs; default: the run
     folder's name."""
+    network_bytes: bool = False
+    """Add this host's network bytes sent and received per step (/proc/net/dev, all interfaces but loopback) to
+    the train records: what the collectives move, with one process per host (benchmarks/scaling.py checks its
+    model against them)."""
     peak_tflops: float = 0.0
     """One process's peak TFLOP/s for MFU (e.g. 989 for an H100's dense bf16); 0: measured at start (short matmul)."""
 

@@ -70,7 +70,7 @@ from harness.report import write_report
 from harness.rundir import PREDICTIONS_FILE, RunDirectory, remove_run_files
 from harness.tasks import Task, TaskSetup
 from harness.tasks.classification import ClassificationTask
-from harness.throughput import ThroughputMeter, flop_counter_for, run_peak_flops
+from harness.throughput import NetworkMeter, ThroughputMeter, flop_counter_for, run_peak_flops
 from harness.tracking import close_trackers, log_run_files, start_trackers
 
 
@@ -108,6 +108,8 @@ class Run:
     started: float
     activations: SavedActivations = field(default_factory=SavedActivations)
     """What the run's first forward keeps for backward (the memory line)."""
+    network: NetworkMeter | None = None
+    """This host's bytes per step in the train records (logging.network_bytes)."""
 
 
 def run(cfg: ExperimentConfig, task: Task | None = None) -> dict:
@@ -296,6 +298,7 @@ def train(r: Run) -> None:
     log.start_progress(r.total_steps)
     log.advance(state.step, r.total_steps, None)
     r.meter.start()
+    r.network = NetworkMeter(state.step) if cfg.logging.network_bytes else None
     r.stop.phase = "train"
     stop_early = False
     while state.step < r.total_steps and not stop_early and not state.stopped_early:
@@ -444,6 +447,7 @@ def log_training(r: Run, epoch: float, grad_norm: torch.Tensor | None) -> None:
     """A log step: the window's loss, the rates and the last step's gradient norm, on the console and as a
     metrics.jsonl row."""
     state = r.state
+    traffic = r.network.per_step(state.step) if r.network is not None else {}  # before this log's collectives
     loss = r.window.mean()  # host sync: every rank's window
     rates = r.meter.rates()
     shown = {"loss": loss, "lr": r.scheduler.get_last_lr()[0], "samples/s": rates.get("samples_per_s", 0.0),
@@ -453,7 +457,7 @@ def log_training(r: Run, epoch: float, grad_norm: torch.Tensor | None) -> None:
     r.log.record(
         "train", split="train", step=state.step, epoch=round(epoch, 4), loss=loss, lr=shown["lr"],
         grad_norm=float(grad_norm) if grad_norm is not None else None,  # host sync (log steps only)
-        **rates, skipped_steps=state.skipped_steps,
+        **rates, skipped_steps=state.skipped_steps, **traffic,
     )  # fmt: skip
     r.log.advance(state.step, r.total_steps, shown)
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -165,6 +166,37 @@ def run_peak_flops(accelerator, precision: str, peak_tflops_per_process: float) 
         return peak_tflops_per_process * 1e12 * accelerator.num_processes, "logging.peak_tflops"
     accelerator.wait_for_everyone()
     return float(sum(gather_object([quick_peak_flops(accelerator.device, precision)]))), "measured"
+
+
+def host_network_bytes(dev: Path = Path("/proc/net/dev")) -> tuple[int, int]:
+    """(bytes sent, bytes received) so far on this host's network interfaces but loopback, as the kernel counts
+    them (in this network namespace: a container's or a test node's own)."""
+    sent = received = 0
+    for line in dev.read_text().splitlines()[2:]:
+        name, _, counters = line.partition(":")
+        if name.strip() == "lo":
+            continue
+        fields = counters.split()
+        received += int(fields[0])
+        sent += int(fields[8])
+    return sent, received
+
+
+class NetworkMeter:
+    """This host's network traffic per optimizer step between two log steps (logging.network_bytes): with one
+    process per host, what that process's collectives send and receive, framing included. Counted from the
+    start of training; a window with a validation or a checkpoint in it counts their traffic too."""
+
+    def __init__(self, step: int):
+        self._at = (step, *host_network_bytes())
+
+    def per_step(self, step: int) -> dict[str, float]:
+        sent, received = host_network_bytes()
+        last_step, last_sent, last_received = self._at
+        self._at = (step, sent, received)
+        steps = max(1, step - last_step)
+        return {"net_sent_bytes_per_step": (sent - last_sent) / steps,
+                "net_received_bytes_per_step": (received - last_received) / steps}  # fmt: skip
 
 
 class ThroughputMeter:
