@@ -3,7 +3,8 @@
 Exit codes: 0 done; 2 bad input (config, data, model, resume), reported before any training work starts;
 3 too many non-finite losses; 4 a checkpoint could not be written; 5 the run completed but pushing it to the
 Hub (hub.push_to) failed; 6 another rank was lost (its process or node died, or it hung past
-runtime.collective_timeout_s): the checkpoints written so far are intact, the same command resumes; 75 stopped by SIGTERM/SIGUSR1 after a checkpoint (requeue and run the same command to
+runtime.collective_timeout_s): the checkpoints written so far are intact, the same command resumes; 7 pruned by
+the search it is a trial of (its files stay); 75 stopped by SIGTERM/SIGUSR1 after a checkpoint (requeue and run the same command to
 resume).
 """
 
@@ -21,6 +22,7 @@ EXIT_NONFINITE = 3
 EXIT_SAVE_FAILED = 4
 EXIT_PUSH_FAILED = 5
 EXIT_LOST_PEER = 6
+EXIT_PRUNED = 7
 
 
 def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
@@ -53,6 +55,7 @@ def main_entry(
     from harness.loop import NonFiniteLoss
     from harness.model import ModelError
     from harness.push import PushError
+    from harness.trial import Pruned
 
     try:
         run(cfg)
@@ -64,6 +67,10 @@ def main_entry(
             print(f"{exc}", file=sys.stderr, flush=True)
         write_exit_status(cfg.output_dir, "preempted", EXIT_REQUEUE)
         return EXIT_REQUEUE
+    except Pruned as exc:
+        print(f"{exc}: stopped by the search's pruner; the run's files stay", file=sys.stderr, flush=True)
+        write_exit_status(cfg.output_dir, "pruned", EXIT_PRUNED)
+        return EXIT_PRUNED
     except NonFiniteLoss as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         write_exit_status(cfg.output_dir, "failed", EXIT_NONFINITE)

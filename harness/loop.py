@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from torch.utils.data import DataLoader
 
 from harness.card import write_model_cards
@@ -72,6 +72,7 @@ from harness.tasks import Task, TaskSetup
 from harness.tasks.classification import ClassificationTask
 from harness.throughput import NetworkMeter, ThroughputMeter, flop_counter_for, run_peak_flops
 from harness.tracking import close_trackers, log_run_files, start_trackers
+from harness.trial import Pruned, SearchTrial
 
 
 class NonFiniteLoss(RuntimeError):
@@ -108,6 +109,8 @@ class Run:
     started: float
     activations: SavedActivations = field(default_factory=SavedActivations)
     """What the run's first forward keeps for backward (the memory line)."""
+    trial: SearchTrial | None = field(default_factory=SearchTrial.from_env)
+    """The Optuna trial this run is, in a search (`python -m launch search`); None otherwise."""
     network: NetworkMeter | None = None
     """This host's bytes per step in the train records (logging.network_bytes)."""
 
@@ -118,7 +121,7 @@ def run(cfg: ExperimentConfig, task: Task | None = None) -> dict:
         train(r)
         return finish(r)
     except BaseException as exc:  # the trackers keep what they were sent, and say how the attempt ended
-        close_trackers(r.accelerator, "KILLED" if isinstance(exc, Preempted) else "FAILED")
+        close_trackers(r.accelerator, "KILLED" if isinstance(exc, (Preempted, Pruned)) else "FAILED")
         raise
 
 
@@ -261,6 +264,8 @@ class Validator:
     def __init__(self, cfg: ExperimentConfig, task: Task, ctx: TaskSetup, checkpoints: CheckpointManager,
                  log: RunLog, meter: ThroughputMeter):  # fmt: skip
         self.cfg, self.task, self.ctx, self.checkpoints, self.log, self.meter = cfg, task, ctx, checkpoints, log, meter
+        self.last_scores: dict = {}
+        """The latest validation's scores."""
 
     def due(self, step: int, end_of_epoch: bool) -> bool:
         return every_n_steps(step, self.cfg.eval.every_steps) or end_of_epoch
@@ -274,6 +279,7 @@ class Validator:
                 scores = {k: float("nan") if isinstance(v, float) else v for k, v in scores.items()}
             improved = state.best.update(state.step, scores)
             state.last_eval_step = state.step
+            self.last_scores = scores
             self.log.record("eval", split="validation", step=state.step, epoch=round(epoch, 4), **scores)
             self.log.info(
                 f"validation @ step {state.step}: {self.task.summary(scores)}" + ("  (best)" if improved else "")
@@ -336,6 +342,8 @@ def train(r: Run) -> None:
             end_of_epoch = state.position == len(plan)
             validating = r.validator.due(state.step, end_of_epoch)
             stop_early = validating and r.validator.validate(model, state, epoch_progress)
+            if validating and r.trial is not None:
+                prune_if_told(r)
             stop_now = stop_now or (validating and r.stop.agreed(r.accelerator))  # signalled while validating
             if end_of_epoch:
                 state.next_epoch()
@@ -441,6 +449,18 @@ def apply_step(r: Run, state: TrainState, bad_loss: bool, bad_grads: bool) -> bo
             "stopping. The last checkpoint is intact: lower train.lr or check the data, then resume."
         )
     return False
+
+
+def prune_if_told(r: Run) -> None:
+    """In a search, report the validation just done to the study; when its pruner says so, stop every rank."""
+    state = r.state
+    latest = float(r.validator.last_scores[state.best.metric])
+    verdict = [r.trial.should_stop(latest, state.step) if r.place.is_main else None]
+    [prune] = broadcast_object_list(verdict)
+    if prune:
+        r.log.record("pruned", step=state.step, value=latest)
+        r.log.info(f"pruned by the search at step {state.step} ({state.best.metric} {latest:.4f})")
+        raise Pruned(f"trial {r.trial.number} pruned at step {state.step}")
 
 
 def log_training(r: Run, epoch: float, grad_norm: torch.Tensor | None) -> None:

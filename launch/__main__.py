@@ -21,7 +21,8 @@ from launch.slurm import LaunchError
 
 USAGE = """\
 python -m launch {debug,cpu,gpus,zero1,zero2,zero3,zero3-offload,fsdp,fsdp-offload} [N] [--script PATH] [--dry-run] [--max-restarts N]
-                 [--nodes K --node-rank R --head-addr HOST --port P | --from-slurm] -- ENTRY_ARGS..."""
+                 [--nodes K --node-rank R --head-addr HOST --port P | --from-slurm] -- ENTRY_ARGS...
+       python -m launch search SEARCH.yaml | --summary FOLDER     (an Optuna search: launch/search.py)"""
 
 EPILOG = """\
 examples:
@@ -112,7 +113,12 @@ def missing_files(command: Command, script: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, entry_args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["search"]:  # an Optuna search whose trials are launches (launch/search.py)
+        from launch.search import main as search
+
+        return search(argv[1:])
+    args, entry_args = parse_args(argv)
     request = Request(
         intent=args.intent,
         nproc=args.nproc,

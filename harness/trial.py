@@ -1,0 +1,49 @@
+"""A run as one trial of an Optuna search (`python -m launch search`): each validation is reported to the study,
+whose pruner may stop the run there.
+
+The search passes the trial in the environment (HARNESS_OPTUNA_TRIAL = "<journal file>::<study>::<trial
+number>"), never in the config: the same config runs alone as it does in a search. The study lives in Optuna's
+journal file, which processes on many nodes share through the file system. Rank 0 reports and asks the pruner;
+every rank follows its answer. A resumed trial reports its steps again: Optuna keeps the first value of a step.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+TRIAL_ENV = "HARNESS_OPTUNA_TRIAL"
+
+
+class Pruned(Exception):
+    """The search's pruner stopped this trial at a validation; its files stay as they are."""
+
+
+@dataclass
+class SearchTrial:
+    journal: str
+    study: str
+    number: int
+
+    @classmethod
+    def from_env(cls) -> SearchTrial | None:
+        spec = os.environ.get(TRIAL_ENV)
+        if not spec:
+            return None
+        journal, study, number = spec.rsplit("::", 2)
+        return cls(journal, study, int(number))
+
+    def should_stop(self, value: float, step: int) -> bool:
+        """Report this validation's value (at this optimizer step); whether the pruner stops the trial here."""
+        import math
+
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(self.journal))
+        study = optuna.load_study(study_name=self.study, storage=storage)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, self.number)
+        trial = optuna.trial.Trial(study, trial_id)
+        if math.isfinite(value):  # a NaN validation is no evidence either way
+            trial.report(value, step)
+        return trial.should_prune()
