@@ -41,9 +41,9 @@ class SearchTrial:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(self.journal))
-        study = optuna.load_study(study_name=self.study, storage=storage)
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, self.number)
-        trial = optuna.trial.Trial(study, trial_id)
+        study = optuna.load_study(study_name=self.study, storage=storage)  # with its pruner
+        study_id = storage.get_study_id_from_name(self.study)
+        trial = optuna.trial.Trial(study, storage.get_trial_id_from_study_id_trial_number(study_id, self.number))
         if math.isfinite(value):  # a NaN validation is no evidence either way
             trial.report(value, step)
         return trial.should_prune()

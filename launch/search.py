@@ -296,7 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("search", nargs="?", help="the search file (YAML)")
     parser.add_argument("--summary", metavar="FOLDER", help="rank a search folder's trials and exit")
     sub = parser.add_argument_group("for slurm/search.sbatch")
-    sub.add_argument("--ask", metavar="TASK", help="print the trial of this array task (a new one the first time)")
+    sub.add_argument(
+        "--ask",
+        metavar="TASK",
+        help="print the trial of this array task, <array job>_<task> (a new one the first time)",
+    )
     sub.add_argument("--tell", type=int, metavar="TRIAL", help="record how this trial's run ended")
     args = parser.parse_args(argv)
     try:

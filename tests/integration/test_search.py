@@ -81,5 +81,5 @@ def test_a_search_runs_as_slurm_array_tasks_sharing_one_study(slurm_cluster, tmp
         assert info["JobState"] == "COMPLETED", (info, log[-3000:])  # pruned trials too: ended on purpose
     check_trials(folder, 4)
     assert "budget is spent" in "".join(p.read_text() for p in tmp_path.glob("harness-search-*.out"))
-    assert sorted(int(p.read_text()) for p in folder.glob("task-*.trial")) == [0, 1, 2, 3]
+    assert sorted(int(p.read_text()) for p in folder.glob(f"task-{job}_*.trial")) == [0, 1, 2, 3]
     assert "best: trial" in summary(folder)
