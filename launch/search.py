@@ -37,6 +37,7 @@ import shlex
 import subprocess
 import sys
 import threading
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,14 +129,18 @@ class SearchSpec:
         return cfg.eval.metric
 
 
-def open_study(spec: SearchSpec, create: bool = True):
-    """The search's study in its journal file (created with its sampler and pruner on first use)."""
+def open_study(spec: SearchSpec, create: bool = True, worker: str = ""):
+    """The search's study in its journal file (created with its sampler and pruner on first use). Each process
+    that asks for trials is a `worker` with a sampler of its own: a fixed seed is varied by the worker's name, or
+    every array task would draw the same first (random) trials."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec.output_dir.mkdir(parents=True, exist_ok=True)
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(spec.journal)))
     seed = spec.sampler.get("seed")
+    if seed is not None and worker:
+        seed += zlib.crc32(worker.encode())
     sampler = (optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.sampler.get("startup_trials", 4))
                if spec.sampler["name"] == "tpe" else optuna.samplers.RandomSampler(seed=seed))  # fmt: skip
     pruner = {
@@ -331,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
 def slurm_ask(spec: SearchSpec, task: str) -> int:
     """For an array task: its trial number, command and environment as shell words (eval'd by the script). A
     requeued task gets the trial it had: the task's trial is kept in the search folder."""
-    study = open_study(spec)
+    study = open_study(spec, worker=task)
     kept = spec.output_dir / f"task-{task}.trial"
     if kept.is_file():
         number = int(kept.read_text())

@@ -41,6 +41,8 @@ def check_trials(folder, trials: int) -> dict[int, str]:
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(folder / "study.journal")))
     study = optuna.load_study(study_name="search", storage=storage)
     states = {t.number: t.state.name for t in study.trials}
+    params = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(set(params)) == len(params), params  # every worker samples for itself (seeded per worker)
     assert sorted(states) == list(range(trials)) and set(states.values()) <= {"COMPLETE", "PRUNED"}, states
     for trial in study.trials:
         run = folder / f"trial-{trial.number}"
