@@ -31,9 +31,11 @@ a trial interrupted with the search (or requeued under SLURM) resumes from its c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import threading
@@ -222,6 +224,31 @@ def _read(path: Path) -> dict:
         return {}
 
 
+class PortLeases:
+    """Rendezvous ports for the trials running at once: each a port free when leased, none two trials' at a time
+    (two launchers each probing for a free port at the same moment took the same one: EADDRINUSE)."""
+
+    def __init__(self):
+        self._held: set[int] = set()
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def lease(self):
+        with self._lock:
+            while True:
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", 0))
+                    port = probe.getsockname()[1]
+                if port not in self._held:
+                    self._held.add(port)
+                    break
+        try:
+            yield port
+        finally:
+            with self._lock:
+                self._held.discard(port)
+
+
 def run_local(spec: SearchSpec) -> int:
     """Run the study here: `parallel` workers, each asking for a trial, running it, telling how it ended."""
     import optuna
@@ -231,6 +258,7 @@ def run_local(spec: SearchSpec) -> int:
     pending = [t.number for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
     pending_lock = threading.Lock()
     logs = spec.output_dir
+    ports = PortLeases()
 
     def worker() -> None:
         while True:
@@ -245,8 +273,11 @@ def run_local(spec: SearchSpec) -> int:
                 number, overrides = asked
             print(f"search: trial {number}: {' '.join(overrides)}", flush=True)
             with (logs / f"trial-{number}.log").open("a") as log:
-                code = subprocess.run(trial_command(spec, number, overrides), env={**os.environ, **trial_env(spec, number)},
-                                      stdout=log, stderr=subprocess.STDOUT).returncode  # fmt: skip
+                with ports.lease() as port:  # concurrent trials' launchers must not race for one free port
+                    env = {**os.environ, **trial_env(spec, number), **({} if "MASTER_PORT" in os.environ else
+                                                                       {"MASTER_PORT": str(port)})}  # fmt: skip
+                    code = subprocess.run(trial_command(spec, number, overrides), env=env, stdout=log,
+                                          stderr=subprocess.STDOUT).returncode  # fmt: skip
             state = tell(spec, study, number)
             print(f"search: trial {number}: {state} (exit code {code})", flush=True)
 

@@ -22,7 +22,7 @@ def write_search(tmp_path, trials: int) -> tuple:
     search = tmp_path / "search.yaml"
     search.write_text(yaml.safe_dump({
         "config": str(config), "output_dir": str(folder), "trials": trials, "parallel": 2,
-        "launch": ["gpus", "1"], "sampler": {"name": "tpe", "seed": 3}, "pruner": {"name": "median", "startup_trials": 2},
+        "launch": ["gpus", "1"], "sampler": {"name": "tpe", "seed": 3}, "pruner": {"name": "median", "startup_trials": 1},
         "space": {"train.lr": {"log_float": [1.0e-5, 0.3]}, "train.warmup_steps": {"int": [0, 3]},
                   "train.weight_decay": {"categorical": [0.0, 0.01]}},
     }))  # fmt: skip
