@@ -41,9 +41,25 @@ class SearchTrial:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(self.journal))
-        study = optuna.load_study(study_name=self.study, storage=storage)  # with its pruner
+        # A pruner is not stored with a study: the search keeps its settings in the study's user attributes.
+        settings = optuna.load_study(study_name=self.study, storage=storage).user_attrs.get("pruner", {})
+        study = optuna.load_study(study_name=self.study, storage=storage, pruner=make_pruner(settings))
         study_id = storage.get_study_id_from_name(self.study)
         trial = optuna.trial.Trial(study, storage.get_trial_id_from_study_id_trial_number(study_id, self.number))
         if math.isfinite(value):  # a NaN validation is no evidence either way
             trial.report(value, step)
         return trial.should_prune()
+
+
+def make_pruner(settings: dict):
+    """The search file's pruner: median (stop a trial worse than the median of completed trials at the same
+    step, once `startup_trials` have completed), successive_halving, or none."""
+    import optuna
+
+    name = settings.get("name", "median")
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=settings.get("startup_trials", 2), n_warmup_steps=0,
+                                           n_min_trials=1)  # fmt: skip
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1)
+    return optuna.pruners.NopPruner()

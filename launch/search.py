@@ -15,6 +15,7 @@ search.yaml:
     launch: [cpu, "1"]                     # how each trial runs locally: python -m launch <these> -- ...
     sampler: {name: tpe, seed: 0}          # tpe (default) or random
     pruner: {name: median, startup_trials: 2}       # median, successive_halving or none
+    enqueue: [{train.lr: 1.0e-3}]          # configs to try first (optional; the rest of each is sampled)
     space:                                 # any config key: float, log_float, int, categorical
       train.lr: {log_float: [1.0e-5, 1.0e-3]}
       train.weight_decay: {float: [0.0, 0.1]}
@@ -47,6 +48,7 @@ from typing import Any
 import yaml
 
 from harness.config import LOWER_IS_BETTER, ConfigError, load_config
+from harness.trial import make_pruner
 
 STUDY = "search"
 EXIT_PRUNED = 7
@@ -63,6 +65,7 @@ class SearchSpec:
     trials: int = 8
     parallel: int = 1
     launch: list[str] = field(default_factory=lambda: ["cpu", "1"])
+    enqueue: list[dict] = field(default_factory=list)
     sampler: dict = field(default_factory=lambda: {"name": "tpe"})
     pruner: dict = field(default_factory=lambda: {"name": "median"})
 
@@ -81,7 +84,8 @@ class SearchSpec:
         problems = []
         if not isinstance(raw, dict):
             raise ConfigError([f"{path}: expected a mapping of search settings"])
-        known = {"config", "output_dir", "space", "overrides", "trials", "parallel", "launch", "sampler", "pruner"}
+        known = {"config", "output_dir", "space", "overrides", "trials", "parallel", "launch", "sampler", "pruner",
+                 "enqueue"}  # fmt: skip
         problems += [
             f"{path}: unknown key {key!r} (known: {', '.join(sorted(known))})" for key in raw if key not in known
         ]
@@ -111,11 +115,16 @@ class SearchSpec:
             problems.append(f"{path}: sampler.name: tpe or random, got {sampler.get('name')!r}")
         if pruner.get("name") not in ("median", "successive_halving", "none"):
             problems.append(f"{path}: pruner.name: median, successive_halving or none, got {pruner.get('name')!r}")
+        enqueue = raw.get("enqueue") or []
+        for number, values in enumerate(enqueue if isinstance(enqueue, list) else [None]):
+            if not isinstance(values, dict) or set(values) - set(space):
+                problems.append(f"{path}: enqueue[{number}]: a mapping of keys in space, got {values!r}")
         if problems:
             raise ConfigError(problems)
         spec = cls(path=path, config=Path(raw["config"]), output_dir=Path(raw["output_dir"]), space=space, overrides=[str(o) for o in raw.get("overrides") or []],
                    trials=raw.get("trials", 8), parallel=raw.get("parallel", 1),
-                   launch=[str(word) for word in raw.get("launch", ["cpu", "1"])], sampler=sampler, pruner=pruner)  # fmt: skip
+                   launch=[str(word) for word in raw.get("launch", ["cpu", "1"])], sampler=sampler, pruner=pruner,
+                   enqueue=enqueue)  # fmt: skip
         spec.metric()  # the experiment itself loads, with the overrides and every key of the space
         return spec
 
@@ -145,16 +154,14 @@ def open_study(spec: SearchSpec, create: bool = True, worker: str = ""):
         seed += zlib.crc32(worker.encode())
     sampler = (optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.sampler.get("startup_trials", 4))
                if spec.sampler["name"] == "tpe" else optuna.samplers.RandomSampler(seed=seed))  # fmt: skip
-    pruner = {
-        "median": lambda: optuna.pruners.MedianPruner(
-            n_startup_trials=spec.pruner.get("startup_trials", 2), n_warmup_steps=0, n_min_trials=1
-        ),  # fmt: skip
-        "successive_halving": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1),
-        "none": lambda: optuna.pruners.NopPruner(),
-    }[spec.pruner["name"]]()
+    pruner = make_pruner(spec.pruner)
     direction = "minimize" if spec.metric() in LOWER_IS_BETTER else "maximize"
-    return optuna.create_study(study_name=STUDY, storage=storage, sampler=sampler, pruner=pruner,
-                               direction=direction, load_if_exists=create)  # fmt: skip
+    study = optuna.create_study(study_name=STUDY, storage=storage, sampler=sampler, pruner=pruner,
+                                direction=direction, load_if_exists=create)  # fmt: skip
+    study.set_user_attr("pruner", spec.pruner)  # for the trials' processes, which report and ask it
+    for values in spec.enqueue:  # known configs first (once: every worker enqueues the same, skipped if there)
+        study.enqueue_trial(values, skip_if_exists=True)
+    return study
 
 
 def distributions(spec: SearchSpec) -> dict[str, Any]:

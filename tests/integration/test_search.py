@@ -15,16 +15,20 @@ pytestmark = pytest.mark.slow
 optuna = pytest.importorskip("optuna", reason="needs optuna (pip install -e '.[search]')")
 
 
-def write_search(tmp_path, trials: int) -> tuple:
+def write_search(tmp_path, trials: int, sampler: str) -> tuple:
     config = tiny_config(tmp_path, train={"max_steps": 12, "batch_size": 8}, eval={"every_steps": 3},
                          runtime={"cpu_threads": 1}, logging={"every_steps": 3, "progress": "plain"})  # fmt: skip
     folder = tmp_path / "search"
     search = tmp_path / "search.yaml"
     search.write_text(yaml.safe_dump({
         "config": str(config), "output_dir": str(folder), "trials": trials, "parallel": 2,
-        "launch": ["gpus", "1"], "sampler": {"name": "tpe", "seed": 3}, "pruner": {"name": "median", "startup_trials": 1},
-        "space": {"train.lr": {"log_float": [1.0e-5, 0.3]}, "train.warmup_steps": {"int": [0, 3]},
-                  "train.weight_decay": {"categorical": [0.0, 0.01]}},
+        "launch": ["gpus", "1"], "sampler": {"name": sampler, "seed": 3}, "pruner": {"name": "median", "startup_trials": 1},
+        # Half the learning rates diverge at once. The first two trials (enqueued) learn; a trial starts only when
+        # one has completed, so every later trial on the diverging rate is far behind that one at its first
+        # validation, and the pruner stops it there, whatever the timing. The random sampler's seed gives some.
+        "enqueue": [{"train.lr": 3.0e-3, "train.warmup_steps": 0}, {"train.lr": 3.0e-3, "train.warmup_steps": 2}],
+        "space": {"train.lr": {"categorical": [3.0e-3, 0.5]}, "train.warmup_steps": {"int": [0, 3]},
+                  "train.weight_decay": {"log_float": [1.0e-4, 0.1]}},
     }))  # fmt: skip
     return search, folder
 
@@ -58,12 +62,17 @@ def check_trials(folder, trials: int) -> dict[int, str]:
 
 
 def test_a_local_search_samples_prunes_and_ranks_its_trials(tmp_path):
-    search, folder = write_search(tmp_path, trials=8)
+    search, folder = write_search(tmp_path, trials=8, sampler="random")
     proc = subprocess.run([sys.executable, "-m", "launch", "search", str(search)], cwd=ROOT, capture_output=True,
                           text=True, timeout=400)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     states = check_trials(folder, 8)
     assert "PRUNED" in states.values(), (states, proc.stdout)  # the pruner stopped at least one trial early
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(folder / "study.journal")))
+    diverging = [
+        t for t in optuna.load_study(study_name="search", storage=storage).trials if t.params["train.lr"] == 0.5
+    ]
+    assert diverging and all(t.state.name == "PRUNED" and t.last_step == 3 for t in diverging), states
     text = summary(folder)
     rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert len(rows) == 8 and "| complete |" in rows[0] and "| pruned |" in rows[-1], text
@@ -73,7 +82,7 @@ def test_a_local_search_samples_prunes_and_ranks_its_trials(tmp_path):
 
 
 def test_a_search_runs_as_slurm_array_tasks_sharing_one_study(slurm_cluster, tmp_path):
-    search, folder = write_search(tmp_path, trials=4)
+    search, folder = write_search(tmp_path, trials=4, sampler="tpe")
     job = slurm_cluster.sbatch("--gres=none", "--cpus-per-task=1", "--time=15", "--array=0-4%2",
                                f"--output={tmp_path}/%x-%A_%a.out", "slurm/search.sbatch", str(search),
                                env={"HARNESS_LAUNCH": "cpu", "NPROC_PER_NODE": "1"}, cwd=ROOT)  # fmt: skip
