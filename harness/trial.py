@@ -42,9 +42,9 @@ class SearchTrial:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(self.journal))
         # A pruner is not stored with a study: the search keeps its settings in the study's user attributes.
-        settings = optuna.load_study(study_name=self.study, storage=storage).user_attrs.get("pruner", {})
-        study = optuna.load_study(study_name=self.study, storage=storage, pruner=make_pruner(settings))
         study_id = storage.get_study_id_from_name(self.study)
+        settings = storage.get_study_user_attrs(study_id).get("pruner", {})
+        study = optuna.load_study(study_name=self.study, storage=storage, pruner=make_pruner(settings))
         trial = optuna.trial.Trial(study, storage.get_trial_id_from_study_id_trial_number(study_id, self.number))
         if math.isfinite(value):  # a NaN validation is no evidence either way
             trial.report(value, step)

@@ -120,18 +120,21 @@ MinJobAge=600
         self.run("scancel", "--user=root", check=False)
         self.run("scontrol", "shutdown", check=False)
         for pid_file in ("slurmctld.pid", "slurmd.pid"):
-            path = self.root / pid_file
-            if path.is_file():
-                try:
-                    pid = int(path.read_text())
-                    for _ in range(100):
-                        os.kill(pid, 0)
-                        time.sleep(0.1)
-                    os.kill(pid, 9)
-                except (ProcessLookupError, ValueError):
-                    pass
+            self.stop_daemon(self.root / pid_file)
         if self._started_munged:
             subprocess.run(["pkill", "-u", "munge", "munged"], capture_output=True)
+
+    @staticmethod
+    def stop_daemon(pid_file: Path, wait_s: float = 10) -> None:
+        """Wait for the daemon in `pid_file` to exit (after `scontrol shutdown`), then SIGKILL it."""
+        try:
+            pid = int(pid_file.read_text())
+            for _ in range(int(wait_s * 10)):
+                os.kill(pid, 0)
+                time.sleep(0.1)
+            os.kill(pid, 9)
+        except (OSError, ValueError):
+            pass
 
     def run(self, *cmd: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
         return subprocess.run(cmd, env=self.env, capture_output=True, text=True, check=check, **kwargs)

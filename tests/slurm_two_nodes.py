@@ -174,16 +174,7 @@ class TwoNodeSlurm(LocalSlurm):
         time.sleep(0.5)
         for node in NODES:  # whatever still runs on a node (a job's processes, a slurmd that did not stop)
             self.kill_node(node)
-        pid_file = self.root / "slurmctld.pid"
-        if pid_file.is_file():
-            try:
-                pid = int(pid_file.read_text())
-                for _ in range(50):
-                    os.kill(pid, 0)
-                    time.sleep(0.1)
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
+        self.stop_daemon(self.root / "slurmctld.pid", wait_s=5)
         for command in reversed(self._made):
             _sh(*command, check=False)
         self._made.clear()
