@@ -232,9 +232,9 @@ class LoggingConfig:
     """The trackers' project (MLflow experiment, trackio / W&B project) that groups runs; default: the run
     folder's name."""
     network_bytes: bool = False
-    """Add this host's network bytes sent and received per step (/proc/net/dev, all interfaces but loopback) to
-    the train records: what the collectives move, with one process per host (benchmarks/scaling.py checks its
-    model against them)."""
+    """Add this process's network bytes sent and received per step to the train records: the payload of its TCP
+    sockets, i.e. what its gloo collectives move (benchmarks/scaling.py checks its model against them; NCCL's
+    NVLink / InfiniBand traffic is not counted)."""
     peak_tflops: float = 0.0
     """One process's peak TFLOP/s for MFU (e.g. 989 for an H100's dense bf16); 0: measured at start (short matmul)."""
 

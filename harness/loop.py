@@ -112,7 +112,7 @@ class Run:
     trial: SearchTrial | None = field(default_factory=SearchTrial.from_env)
     """The Optuna trial this run is, in a search (`python -m launch search`); None otherwise."""
     network: NetworkMeter | None = None
-    """This host's bytes per step in the train records (logging.network_bytes)."""
+    """This process's TCP payload bytes per step in the train records (logging.network_bytes)."""
 
 
 def run(cfg: ExperimentConfig, task: Task | None = None) -> dict:

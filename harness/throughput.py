@@ -8,11 +8,13 @@ and the training log use these same definitions.
 
 from __future__ import annotations
 
+import os
+import socket
+import struct
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -168,35 +170,57 @@ def run_peak_flops(accelerator, precision: str, peak_tflops_per_process: float) 
     return float(sum(gather_object([quick_peak_flops(accelerator.device, precision)]))), "measured"
 
 
-def host_network_bytes(dev: Path = Path("/proc/net/dev")) -> tuple[int, int]:
-    """(bytes sent, bytes received) so far on this host's network interfaces but loopback, as the kernel counts
-    them (in this network namespace: a container's or a test node's own)."""
-    sent = received = 0
-    for line in dev.read_text().splitlines()[2:]:
-        name, _, counters = line.partition(":")
-        if name.strip() == "lo":
+def process_tcp_bytes() -> dict[int, tuple[int, int]]:
+    """Payload bytes each TCP socket of this process has sent (and had acknowledged) and received so far, by
+    socket inode: what its collectives moved over gloo's TCP pairs (and its rendezvous store client), without
+    the link's framing (TCP/IP headers, acknowledgements), which grows with the number of messages rather than
+    their size. Linux only (TCP_INFO's tcpi_bytes_acked / tcpi_bytes_received, kernel 4.1+)."""
+    counts: dict[int, tuple[int, int]] = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed since the listing (the listing's own fd among them)
             continue
-        fields = counters.split()
-        received += int(fields[0])
-        sent += int(fields[8])
-    return sent, received
+        if not target.startswith("socket:["):
+            continue
+        inode = int(target[len("socket:[") : -1])
+        if inode in counts:
+            continue
+        try:
+            with socket.socket(fileno=os.dup(int(fd))) as sock:  # a second fd onto the socket, closed after
+                if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+                    continue
+                info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_BYTES_END)
+        except OSError:
+            continue
+        if len(info) >= TCP_INFO_BYTES_END:
+            counts[inode] = struct.unpack_from("QQ", info, TCP_INFO_BYTES_ACKED)
+    return counts
+
+
+TCP_INFO_BYTES_ACKED = 120
+"""Offset of tcpi_bytes_acked in struct tcp_info (linux/tcp.h); tcpi_bytes_received follows it."""
+TCP_INFO_BYTES_END = TCP_INFO_BYTES_ACKED + 16
 
 
 class NetworkMeter:
-    """This host's network traffic per optimizer step between two log steps (logging.network_bytes): with one
-    process per host, what that process's collectives send and receive, framing included. Counted from the
-    start of training; a window with a validation or a checkpoint in it counts their traffic too."""
+    """This process's network traffic per optimizer step between two log steps (logging.network_bytes): the
+    payload its TCP sockets sent and received, i.e. what its gloo collectives moved (NCCL's traffic over NVLink
+    or InfiniBand does not pass through sockets and is not counted). Counted from the start of training; a
+    window with a validation or a checkpoint in it counts their traffic too."""
 
     def __init__(self, step: int):
-        self._at = (step, *host_network_bytes())
+        self._step = step
+        self._sockets = process_tcp_bytes()
 
     def per_step(self, step: int) -> dict[str, float]:
-        sent, received = host_network_bytes()
-        last_step, last_sent, last_received = self._at
-        self._at = (step, sent, received)
-        steps = max(1, step - last_step)
-        return {"net_sent_bytes_per_step": (sent - last_sent) / steps,
-                "net_received_bytes_per_step": (received - last_received) / steps}  # fmt: skip
+        sockets = process_tcp_bytes()
+        # A socket opened since the last count counts from zero; one closed since drops out without a loss.
+        sent = sum(now[0] - self._sockets.get(inode, (0, 0))[0] for inode, now in sockets.items())
+        received = sum(now[1] - self._sockets.get(inode, (0, 0))[1] for inode, now in sockets.items())
+        steps = max(1, step - self._step)
+        self._step, self._sockets = step, sockets
+        return {"net_sent_bytes_per_step": sent / steps, "net_received_bytes_per_step": received / steps}
 
 
 class ThroughputMeter:

@@ -1,8 +1,9 @@
 """slurm/train.sbatch across two real nodes: `sbatch --nodes 2` on a two-node SLURM cluster whose nodes have their
 own network stacks, addresses, hostnames and node-local scratch (tests/slurm_two_nodes.py). One process per
-node, the rendezvous on node1's address; each topology (DDP, ZeRO-1/2/3, FSDP2) trains as the same topology on
-one node with two processes does, and moves the bytes benchmarks/scaling.py says it does; a node that crashes
-costs the job its work since the last checkpoint, nothing more."""
+node, the rendezvous on node1's address; DDP, ZeRO-2 and FSDP2 train as the same topology on one node with two
+processes does, and move the bytes benchmarks/scaling.py says they do (every topology's bytes on one host:
+tests/distributed/test_network_bytes.py); a node that crashes costs the job its work since the last
+checkpoint, nothing more."""
 
 import json
 import re
@@ -20,14 +21,11 @@ pytestmark = pytest.mark.slow
 SBATCH = ("--nodes=2", "--ntasks-per-node=1", "--gres=none", "--cpus-per-task=1", "--time=15")
 TOPOLOGIES = {  # HARNESS_LAUNCH: the environment its processes get on one node (for the reference beside)
     "cpu": lambda: None,
-    "zero1": lambda: deepspeed_env(1, ROOT / "configs" / "deepspeed" / "zero1.json"),
     "zero2": lambda: deepspeed_env(2, ROOT / "configs" / "deepspeed" / "zero2.json"),
-    "zero3": lambda: deepspeed_env(3, ROOT / "configs" / "deepspeed" / "zero3.json"),
     "fsdp": lambda: fsdp_env(),
 }
-COMPARED = ("cpu", "zero2", "fsdp")
-"""Compared with the same topology on one host (each ZeRO stage's equality with DDP is tests/distributed's)."""
-MODELLED = {"cpu": "ddp", "zero1": "zero1", "zero2": "zero2", "zero3": "zero3", "fsdp": "fsdp"}
+"""Each ZeRO stage's equality with DDP is tests/distributed's; ZeRO-2 stands for DeepSpeed's launcher path here."""
+MODELLED = {"cpu": "ddp", "zero2": "zero2", "fsdp": "fsdp"}
 
 
 def test_each_topology_trains_across_two_nodes_as_on_one(two_node_cluster, tmp_path):
@@ -38,7 +36,7 @@ def test_each_topology_trains_across_two_nodes_as_on_one(two_node_cluster, tmp_p
         train={"max_steps": 8},
         eval={"every_steps": 4},
         data={"cache_dir": str(cluster.scratch / "cache")},  # node-local: tokenized once on each node
-        logging={"every_steps": 1, "progress": "plain", "network_bytes": True},  # node1's bytes at every step
+        logging={"every_steps": 1, "progress": "plain", "network_bytes": True},  # rank 0's bytes at every step
     )
     shape = shape_of("builtin:tiny-bert")
     jobs, references = {}, {}
@@ -51,8 +49,6 @@ def test_each_topology_trains_across_two_nodes_as_on_one(two_node_cluster, tmp_p
                            f"output_dir={cluster.scratch / 'run'}", env={"HARNESS_LAUNCH": "cpu", "NPROC_PER_NODE": "1"},
                            cwd=ROOT)  # fmt: skip
     for launch, env in TOPOLOGIES.items():  # the same topology with 2 processes on this host, forked
-        if launch not in COMPARED:
-            continue
         references[launch] = start_harness(config, f"output_dir={tmp_path / f'ref-{launch}'}", nproc=2,
                                            env_extra=env())  # fmt: skip
     for launch, job in jobs.items():
@@ -64,17 +60,13 @@ def test_each_topology_trains_across_two_nodes_as_on_one(two_node_cluster, tmp_p
                                                    log), log[-3000:]  # fmt: skip
         setup = next(r for r in read_metrics(tmp_path / launch) if r["event"] == "setup")
         assert setup["world_size"] == 2 and setup["hosts"] == ["node1", "node2"], setup
-        # The bytes node1 sent and received per step (the median of steps 2-8: a validation falls in one window)
-        # are what benchmarks/scaling.py says rank 0 of 2 sends and receives on gloo, within 5%; ZeRO-3 moves
-        # 12% more than modelled (parameters DeepSpeed gathers again in backward; the model says so).
+        # The bytes rank 0 on node1 sent and received per step (the median of steps 2-8: a validation falls in
+        # one window) are what benchmarks/scaling.py says rank 0 of 2 sends and receives on gloo, within 5%.
         rows = [r for r in read_metrics(tmp_path / launch) if r["event"] == "train" and r["step"] >= 2]
         expected = sum(step_bytes(shape, MODELLED[launch], world=2, backend="gloo").values())
-        low, high = (1.0, 1.2) if launch == "zero3" else (0.95, 1.05)
         for direction in ("sent", "received"):
             measured = statistics.median(r[f"net_{direction}_bytes_per_step"] for r in rows)
-            assert low <= measured / expected <= high, (launch, direction, measured, expected)
-        if launch not in COMPARED:
-            continue
+            assert measured / expected == pytest.approx(1, abs=0.05), (launch, direction, measured, expected)
         assert references[launch].wait().returncode == 0, references[launch].stderr()[-3000:]
         results, reference = read_results(tmp_path / launch), read_results(tmp_path / f"ref-{launch}")
         assert results["test"] == reference["test"], launch  # the same arithmetic, across machines
@@ -90,7 +82,7 @@ def test_each_topology_trains_across_two_nodes_as_on_one(two_node_cluster, tmp_p
 def test_a_node_that_dies_mid_run_is_requeued_and_the_job_ends_as_if_uninterrupted(two_node_cluster, tmp_path):
     """node2 crashes after a checkpoint (link down, then its slurmd and the job's processes on it killed): the
     rank left on node1 gives up within runtime.collective_timeout_s with status "failed" and code 6 (lost a
-    peer); SLURM declares node2 down and requeues the job; node2 returns to service; the requeued job resumes
+    peer); node2 is declared down and SLURM requeues the job; node2 returns to service; the requeued job resumes
     from the newest complete checkpoint and ends with the uninterrupted run's final weights, bit for bit."""
     cluster = two_node_cluster
     config = tiny_config(
@@ -115,9 +107,10 @@ def test_a_node_that_dies_mid_run_is_requeued_and_the_job_ends_as_if_uninterrupt
         time.sleep(0.1)
     assert json.loads((out / "exit_status.json").read_text())["exit_code"] == 6
     checkpointed = max(r["step"] for r in read_metrics(out) if r["event"] == "checkpoint")
-    while cluster.node_states().get("node2") not in ("down", "down*"):  # SLURM's own verdict (SlurmdTimeout)
-        assert time.monotonic() - failed_at < 60, cluster.node_states()
-        time.sleep(0.2)
+    # The controller is told node2 is down, as a cluster's health check tells it (its own verdict, after
+    # SlurmdTimeout and a ping cycle, comes about 20 s later to the same effect); then node2 returns to service.
+    cluster.run("scontrol", "update", "NodeName=node2", "State=DOWN", "Reason=crashed")
+    assert cluster.node_states().get("node2") in ("down", "down*"), cluster.node_states()
     cluster.return_node("node2")
 
     info = cluster.wait_until(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=240)

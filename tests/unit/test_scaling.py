@@ -27,12 +27,18 @@ def test_bytes_per_rank_follow_the_ring_formulas(world):
     assert zero2["all-reduce"] == pytest.approx(4 * 2 * share * 4 * p)  # every micro-batch, one bucket
     assert zero2["all-gather"] == pytest.approx(share * 2 * p)  # bf16 parameters, once
     assert scaling.step_bytes(shape, "zero1", world, "bf16", micro_batches=4)["all-reduce"] == ddp["all-reduce"]
-    zero3 = scaling.step_bytes(shape, "zero3", world, "bf16")
-    assert zero3["all-gather"] == pytest.approx(share * 2 * shape.partitioned)
-    assert zero3["reduce-scatter"] == pytest.approx(share * 4 * p)
+    zero3 = scaling.step_bytes(shape, "zero3", world, "bf16", micro_batches=4)
+    persistent = p - shape.partitioned  # whole on every rank, gathered once per step after the optimizer's update
+    assert 0 < persistent < p / 100
+    assert zero3["all-gather"] == pytest.approx(share * 2 * (4 * shape.partitioned + persistent))
+    assert zero3["reduce-scatter"] == pytest.approx(4 * share * 4 * p)
     fsdp = scaling.step_bytes(shape, "fsdp", world, "bf16")
     assert fsdp["all-gather"] == pytest.approx(2 * share * 2 * p) and fsdp["reduce-scatter"] == pytest.approx(
         share * 4 * p
+    )
+    # Parameters stay gathered from a micro-batch's backward to the next's forward: 5 gathers for 4, not 8.
+    assert scaling.step_bytes(shape, "fsdp", world, "bf16", micro_batches=4)["all-gather"] == pytest.approx(
+        5 * share * 2 * p
     )
     gloo = scaling.step_bytes(shape, "fsdp", world, "bf16", backend="gloo")  # gloo's reduce-scatter is an all-reduce
     assert gloo["reduce-scatter"] == pytest.approx(2 * fsdp["reduce-scatter"])

@@ -1,6 +1,7 @@
 """MFU arithmetic: FLOPs from a model's structure, exactly summed over a batch's lengths (every family's count
 against torch's FlopCounterMode: tests/unit/test_families.py)."""
 
+import socket
 import time
 
 import numpy as np
@@ -10,7 +11,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from harness.config import ModelConfig
 from harness.model import load_model
-from harness.throughput import FlopCounter, attention_pairs, flop_counter_for, measure_peak_flops
+from harness.throughput import FlopCounter, NetworkMeter, attention_pairs, flop_counter_for, measure_peak_flops
 
 CONFIG = dict(vocab_size=500, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
               max_position_embeddings=128)  # fmt: skip
@@ -72,3 +73,22 @@ def test_the_faster_of_the_two_matmul_layouts_sets_the_peak(monkeypatch, slow_la
     monkeypatch.setattr(torch, "mm", mm)
     peak = measure_peak_flops("cpu", "fp32", size=256, reps=2)
     assert peak > 2 * 256**3 / 0.025  # a call took well under the slow layout's 50 ms
+
+
+def test_network_meter_counts_this_processs_tcp_payload_per_step():
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        peer, _ = server.accept()
+        meter = NetworkMeter(step=0)  # the connection's handshake before this is not counted
+        client.sendall(b"x" * 300_000)
+        received = 0
+        while received < 300_000:
+            received += len(peer.recv(1 << 20))
+        peer.sendall(b"y" * 1_000)
+        assert len(client.recv(1 << 20)) == 1_000
+        time.sleep(0.05)  # the last acknowledgements in
+        # Both ends are this process's: each direction counted once as sent and once as received, over 2 steps.
+        assert meter.per_step(2) == {"net_sent_bytes_per_step": 150_500, "net_received_bytes_per_step": 150_500}
+        client.close()  # sockets gone since the last count drop out, without a negative count
+        peer.close()
+        assert meter.per_step(3) == {"net_sent_bytes_per_step": 0, "net_received_bytes_per_step": 0}
