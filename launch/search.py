@@ -51,6 +51,7 @@ from harness.config import LOWER_IS_BETTER, ConfigError, load_config
 from harness.trial import make_pruner
 
 STUDY = "search"
+JOURNAL = "study.journal"
 EXIT_PRUNED = 7
 KINDS = ("float", "log_float", "int", "categorical")
 
@@ -68,10 +69,8 @@ class SearchSpec:
     enqueue: list[dict] = field(default_factory=list)
     sampler: dict = field(default_factory=lambda: {"name": "tpe"})
     pruner: dict = field(default_factory=lambda: {"name": "median"})
-
-    @property
-    def journal(self) -> Path:
-        return self.output_dir / "study.journal"
+    metric: str = "loss"
+    """The experiment's eval.metric (the objective), read from its config when the search file is loaded."""
 
     @classmethod
     def load(cls, path: str | Path) -> SearchSpec:
@@ -125,19 +124,23 @@ class SearchSpec:
                    trials=raw.get("trials", 8), parallel=raw.get("parallel", 1),
                    launch=[str(word) for word in raw.get("launch", ["cpu", "1"])], sampler=sampler, pruner=pruner,
                    enqueue=enqueue)  # fmt: skip
-        spec.metric()  # the experiment itself loads, with the overrides and every key of the space
-        return spec
-
-    def metric(self) -> str:
-        cfg = load_config(str(self.config), self.overrides)
-        unknown = []
-        for key in self.space:
-            section, _, name = key.partition(".")
-            if not hasattr(getattr(cfg, section, None), name):
-                unknown.append(f"{self.path}: space.{key}: not a config key of {self.config}")
+        # The experiment itself loads, with the overrides, and has every key of the space.
+        cfg = load_config(str(spec.config), spec.overrides)
+        unknown = [f"{path}: space.{key}: not a config key of {spec.config}" for key in space
+                   if not hasattr(getattr(cfg, key.partition(".")[0], None), key.partition(".")[2])]  # fmt: skip
         if unknown:
             raise ConfigError(unknown)
-        return cfg.eval.metric
+        spec.metric = cfg.eval.metric
+        return spec
+
+
+def journal_storage(folder: Path):
+    """The Optuna storage of the search in `folder`: its journal file, which every worker on every node appends
+    to (a file lock serialises them; the folder must be shared)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(folder / JOURNAL)))
 
 
 def open_study(spec: SearchSpec, create: bool = True, worker: str = ""):
@@ -146,16 +149,15 @@ def open_study(spec: SearchSpec, create: bool = True, worker: str = ""):
     every array task would draw the same first (random) trials."""
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec.output_dir.mkdir(parents=True, exist_ok=True)
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(spec.journal)))
+    storage = journal_storage(spec.output_dir)
     seed = spec.sampler.get("seed")
     if seed is not None and worker:
         seed += zlib.crc32(worker.encode())
     sampler = (optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.sampler.get("startup_trials", 4))
                if spec.sampler["name"] == "tpe" else optuna.samplers.RandomSampler(seed=seed))  # fmt: skip
     pruner = make_pruner(spec.pruner)
-    direction = "minimize" if spec.metric() in LOWER_IS_BETTER else "maximize"
+    direction = "minimize" if spec.metric in LOWER_IS_BETTER else "maximize"
     study = optuna.create_study(study_name=STUDY, storage=storage, sampler=sampler, pruner=pruner,
                                 direction=direction, load_if_exists=create)  # fmt: skip
     study.set_user_attr("pruner", spec.pruner)  # for the trials' processes, which report and ask it
@@ -202,7 +204,7 @@ def trial_command(spec: SearchSpec, number: int, overrides: list[str]) -> list[s
 
 
 def trial_env(spec: SearchSpec, number: int) -> dict[str, str]:
-    return {"HARNESS_OPTUNA_TRIAL": f"{spec.journal.resolve()}::{STUDY}::{number}"}
+    return {"HARNESS_OPTUNA_TRIAL": f"{(spec.output_dir / JOURNAL).resolve()}::{STUDY}::{number}"}
 
 
 def tell(spec: SearchSpec, study, number: int) -> str:
@@ -300,9 +302,7 @@ def run_local(spec: SearchSpec) -> int:
 def summary_rows(folder: Path) -> tuple[list[dict], str]:
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(folder / "study.journal")))
-    study = optuna.load_study(study_name=STUDY, storage=storage)
+    study = optuna.load_study(study_name=STUDY, storage=journal_storage(folder))
     rows = []
     for trial in study.get_trials(deepcopy=False):
         results = _read(folder / f"trial-{trial.number}" / "results.json")
@@ -353,8 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.summary:
-            if not (Path(args.summary) / "study.journal").is_file():
-                raise ConfigError([f"{args.summary}: no study.journal; not a search folder"])
+            if not (Path(args.summary) / JOURNAL).is_file():
+                raise ConfigError([f"{args.summary}: no {JOURNAL}; not a search folder"])
             print_summary(Path(args.summary))
             return 0
         if not args.search:

@@ -9,6 +9,7 @@ import sys
 import pytest
 import yaml
 
+from launch.search import STUDY, journal_storage
 from tests.conftest import ROOT, read_metrics, read_results, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -42,8 +43,7 @@ def summary(folder):
 
 def check_trials(folder, trials: int) -> dict[int, str]:
     """Every trial ended complete or pruned, as its run folder says; the study's values are the runs' own."""
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(folder / "study.journal")))
-    study = optuna.load_study(study_name="search", storage=storage)
+    study = optuna.load_study(study_name=STUDY, storage=journal_storage(folder))
     states = {t.number: t.state.name for t in study.trials}
     params = [tuple(sorted(t.params.items())) for t in study.trials]
     assert len(set(params)) == len(params), params  # every worker samples for itself (seeded per worker)
@@ -68,9 +68,10 @@ def test_a_local_search_samples_prunes_and_ranks_its_trials(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     states = check_trials(folder, 6)
     assert "PRUNED" in states.values(), (states, proc.stdout)  # the pruner stopped at least one trial early
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(folder / "study.journal")))
     diverging = [
-        t for t in optuna.load_study(study_name="search", storage=storage).trials if t.params["train.lr"] == 0.5
+        t
+        for t in optuna.load_study(study_name=STUDY, storage=journal_storage(folder)).trials
+        if t.params["train.lr"] == 0.5
     ]
     assert diverging and all(t.state.name == "PRUNED" and t.last_step == 3 for t in diverging), states
     text = summary(folder)
