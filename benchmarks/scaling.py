@@ -35,9 +35,11 @@ The harness's own per-step collectives (loss, flags, gradient norm: a few floats
 against the payload each rank's TCP sockets carried (logging.network_bytes; gloo, tiny BERT, fp32) on the
 two-node test cluster (tests/integration/test_two_nodes.py) and for every topology on one host
 (tests/distributed/test_network_bytes.py): within 5%. ZeRO-3 is the farthest, 4% over: its 75 collectives per
-step of tiny BERT (one all-gather per module, reduce-scatters in small buckets) each carry gloo's headers. The projection adds communication time (bytes / link bandwidth, the slowest link of the
-ring) to a compute time per step, with none of it overlapped (a bound from below on samples/s), and with all of
-it overlapped (from above).
+step of tiny BERT (one all-gather per module, reduce-scatters in small buckets) each carry gloo's headers.
+
+The projection adds communication time (bytes / link bandwidth, the slowest link of the ring) to a compute time
+per step, with none of it overlapped (a bound from below on samples/s), and with all of it overlapped (from
+above).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -628,6 +629,9 @@ def _check_runtime_and_logging(cfg: ExperimentConfig) -> list[str]:
         p.append(f"logging.every_steps: must be >= 1, got {g.every_steps}")
     if g.peak_tflops < 0:
         p.append(f"logging.peak_tflops: must be >= 0 (0 measures it), got {g.peak_tflops}")
+    if g.network_bytes and not sys.platform.startswith("linux"):
+        p.append(f"logging.network_bytes: counts TCP payload through Linux's /proc and TCP_INFO; not on "
+                 f"{sys.platform} (set it to false)")  # fmt: skip
     return p
 
 

@@ -107,3 +107,11 @@ def test_bad_config_exits_2_with_the_key_named(tmp_path):
     assert proc.returncode == 2
     assert "train.lrr: unknown key (did you mean 'train.lr'?)" in proc.stderr
     assert not Path(tmp_path / "run").exists()
+
+
+def test_network_bytes_is_refused_where_there_is_no_linux_proc(tmp_path, monkeypatch):
+    monkeypatch.setattr("harness.config.sys.platform", "darwin")
+    with pytest.raises(ConfigError, match="logging.network_bytes: counts TCP payload through Linux's /proc"):
+        load_config(tiny_config(tmp_path), ["logging.network_bytes=true"])
+    monkeypatch.undo()
+    assert load_config(tiny_config(tmp_path), ["logging.network_bytes=true"]).logging.network_bytes
