@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
 from harness.card import write_model_cards
@@ -455,9 +455,8 @@ def prune_if_told(r: Run) -> None:
     """In a search, report the validation just done to the study; when its pruner says so, stop every rank."""
     state = r.state
     latest = float(r.validator.last_scores[state.best.metric])
-    verdict = [r.trial.should_stop(latest, state.step) if r.place.is_main else None]
-    [prune] = broadcast_object_list(verdict)
-    if prune:
+    # Rank 0 asks the study; the others say no, and `agree` makes any yes every rank's.
+    if agree(r.accelerator, [r.place.is_main and r.trial.should_stop(latest, state.step)], [])[0]:
         r.log.record("pruned", step=state.step, value=latest)
         r.log.info(f"pruned by the search at step {state.step} ({state.best.metric} {latest:.4f})")
         raise Pruned(f"trial {r.trial.number} pruned at step {state.step}")

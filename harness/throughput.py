@@ -215,9 +215,11 @@ class NetworkMeter:
 
     def per_step(self, step: int) -> dict[str, float]:
         sockets = process_tcp_bytes()
-        # A socket opened since the last count counts from zero; one closed since drops out without a loss.
-        sent = sum(now[0] - self._sockets.get(inode, (0, 0))[0] for inode, now in sockets.items())
-        received = sum(now[1] - self._sockets.get(inode, (0, 0))[1] for inode, now in sockets.items())
+        sent = received = 0
+        for inode, (now_sent, now_received) in sockets.items():
+            # A socket opened since the last count counts from zero; one closed since drops out without a loss.
+            last_sent, last_received = self._sockets.get(inode, (0, 0))
+            sent, received = sent + now_sent - last_sent, received + now_received - last_received
         steps = max(1, step - self._step)
         self._step, self._sockets = step, sockets
         return {"net_sent_bytes_per_step": sent / steps, "net_received_bytes_per_step": received / steps}

@@ -120,18 +120,17 @@ class SearchSpec:
                 problems.append(f"{path}: enqueue[{number}]: a mapping of keys in space, got {values!r}")
         if problems:
             raise ConfigError(problems)
-        spec = cls(path=path, config=Path(raw["config"]), output_dir=Path(raw["output_dir"]), space=space, overrides=[str(o) for o in raw.get("overrides") or []],
-                   trials=raw.get("trials", 8), parallel=raw.get("parallel", 1),
-                   launch=[str(word) for word in raw.get("launch", ["cpu", "1"])], sampler=sampler, pruner=pruner,
-                   enqueue=enqueue)  # fmt: skip
         # The experiment itself loads, with the overrides, and has every key of the space.
-        cfg = load_config(str(spec.config), spec.overrides)
-        unknown = [f"{path}: space.{key}: not a config key of {spec.config}" for key in space
+        config, overrides = Path(raw["config"]), [str(o) for o in raw.get("overrides") or []]
+        cfg = load_config(str(config), overrides)
+        unknown = [f"{path}: space.{key}: not a config key of {config}" for key in space
                    if not hasattr(getattr(cfg, key.partition(".")[0], None), key.partition(".")[2])]  # fmt: skip
         if unknown:
             raise ConfigError(unknown)
-        spec.metric = cfg.eval.metric
-        return spec
+        return cls(path=path, config=config, output_dir=Path(raw["output_dir"]), space=space, overrides=overrides,
+                   trials=raw.get("trials", 8), parallel=raw.get("parallel", 1),
+                   launch=[str(word) for word in raw.get("launch", ["cpu", "1"])], sampler=sampler, pruner=pruner,
+                   enqueue=enqueue, metric=cfg.eval.metric)  # fmt: skip
 
 
 def journal_storage(folder: Path):

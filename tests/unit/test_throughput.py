@@ -11,7 +11,14 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from harness.config import ModelConfig
 from harness.model import load_model
-from harness.throughput import FlopCounter, NetworkMeter, attention_pairs, flop_counter_for, measure_peak_flops
+from harness.throughput import (
+    FlopCounter,
+    NetworkMeter,
+    attention_pairs,
+    flop_counter_for,
+    measure_peak_flops,
+    process_tcp_bytes,
+)
 
 CONFIG = dict(vocab_size=500, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
               max_position_embeddings=128)  # fmt: skip
@@ -86,7 +93,9 @@ def test_network_meter_counts_this_processs_tcp_payload_per_step():
             received += len(peer.recv(1 << 20))
         peer.sendall(b"y" * 1_000)
         assert len(client.recv(1 << 20)) == 1_000
-        time.sleep(0.05)  # the last acknowledgements in
+        deadline = time.monotonic() + 5  # sent bytes count once acknowledged (a delayed ACK: up to 200 ms)
+        while sum(sent for sent, _ in process_tcp_bytes().values()) < 301_000 and time.monotonic() < deadline:
+            time.sleep(0.01)
         # Both ends are this process's: each direction counted once as sent and once as received, over 2 steps.
         assert meter.per_step(2) == {"net_sent_bytes_per_step": 150_500, "net_received_bytes_per_step": 150_500}
         client.close()  # sockets gone since the last count drop out, without a negative count
